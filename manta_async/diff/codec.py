@@ -1,0 +1,215 @@
+"""The canonical encoding of rows: one value, one byte string, on every run and platform.
+
+A row travels and is hashed as a JSON array of *wire values*. Values JSON carries exactly
+(NULL, booleans, text, 64-bit integers, finite floats) are themselves; every other value is a
+one-key object whose key names its kind and whose value is text:
+
+    Decimal('1.10')        {"$dec": "1.10"}        digits and scale kept, never a float
+    float('nan')           {"$float": "NaN"}       also "Infinity" and "-Infinity"
+    2**70                  {"$int": "1180591620717411303424"}
+    b'\\xde\\xad'            {"$bytes": "3q0="}      standard base64
+    datetime (naive)       {"$ts": "2024-05-01T10:00:00.000000"}
+    datetime (aware)       {"$tstz": "2024-05-01T10:00:00.000000+00:00"}
+    date                   {"$date": "2024-05-01"}
+    time / time with zone  {"$time": "10:00:00.000000"} / {"$timetz": "10:00:00.000000+02:00"}
+    timedelta              {"$interval": "-86399999999"}   total microseconds
+    UUID                   {"$uuid": "0b5c...-..."}
+    IP address / network   {"$inet": "10.0.0.0/8"}
+    dict (parsed JSON)     {"$json": "{\\"a\\":1}"}  keys sorted
+    list / tuple           [ ...wire values... ]     (PostgreSQL arrays)
+
+The row hash is BLAKE2b-128 of the orjson encoding of the wire row; a key is the orjson
+encoding of the wire values of its columns, so 1 and '1' are different keys. See
+docs/encoding.md for the whole contract.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import ipaddress
+import math
+import uuid
+from collections.abc import Callable, Sequence
+from decimal import Decimal
+from hashlib import blake2b
+from typing import Any
+
+import orjson
+
+from manta_async.errors import EncodeError
+
+HASH_BYTES = 16
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+
+Wire = Any
+"""A JSON-compatible value as defined in the module docstring."""
+
+
+def _int(value: int) -> Wire:
+    if _INT_MIN <= value <= _INT_MAX:
+        return value
+    return {"$int": str(value)}
+
+
+def _float(value: float) -> Wire:
+    if math.isfinite(value):
+        return value
+    if math.isnan(value):
+        return {"$float": "NaN"}
+    return {"$float": "Infinity" if value > 0 else "-Infinity"}
+
+
+def _decimal(value: Decimal) -> Wire:
+    # 'f' keeps every digit and the scale (1.10 stays 1.10) and never writes an exponent.
+    return {"$dec": format(value, "f")}
+
+
+def _bytes(value: bytes | bytearray | memoryview) -> Wire:
+    return {"$bytes": base64.b64encode(bytes(value)).decode("ascii")}
+
+
+def _datetime(value: dt.datetime) -> Wire:
+    text = value.isoformat(timespec="microseconds")
+    return {"$tstz": text} if value.utcoffset() is not None else {"$ts": text}
+
+
+def _date(value: dt.date) -> Wire:
+    return {"$date": value.isoformat()}
+
+
+def _time(value: dt.time) -> Wire:
+    text = value.isoformat(timespec="microseconds")
+    return {"$timetz": text} if value.utcoffset() is not None else {"$time": text}
+
+
+def _interval(value: dt.timedelta) -> Wire:
+    micros = (value.days * 86_400 + value.seconds) * 1_000_000 + value.microseconds
+    return {"$interval": str(micros)}
+
+
+def _uuid(value: uuid.UUID) -> Wire:
+    return {"$uuid": str(value)}
+
+
+def _inet(value: Any) -> Wire:
+    return {"$inet": str(value)}
+
+
+def _json(value: dict[str, Any]) -> Wire:
+    return {"$json": orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()}
+
+
+def _array(value: Sequence[Any]) -> Wire:
+    return [encode_value(item) for item in value]
+
+
+_ENCODERS: dict[type, Callable[[Any], Wire]] = {
+    int: _int,
+    float: _float,
+    Decimal: _decimal,
+    bytes: _bytes,
+    bytearray: _bytes,
+    memoryview: _bytes,
+    dt.datetime: _datetime,
+    dt.date: _date,
+    dt.time: _time,
+    dt.timedelta: _interval,
+    uuid.UUID: _uuid,
+    ipaddress.IPv4Address: _inet,
+    ipaddress.IPv6Address: _inet,
+    ipaddress.IPv4Network: _inet,
+    ipaddress.IPv6Network: _inet,
+    ipaddress.IPv4Interface: _inet,
+    ipaddress.IPv6Interface: _inet,
+    dict: _json,
+    list: _array,
+    tuple: _array,
+}
+
+
+def _find_encoder(kind: type) -> Callable[[Any], Wire] | None:
+    # Drivers return subclasses (asyncpg's UUID, pymysql's bytes-like): match by the MRO
+    # once and remember the answer.
+    for base in kind.__mro__[1:]:
+        encoder = _ENCODERS.get(base)
+        if encoder is not None and base is not object:
+            _ENCODERS[kind] = encoder
+            return encoder
+    return None
+
+
+def encode_value(value: Any) -> Wire:
+    """Return the wire form of one value a driver returned."""
+    kind = type(value)
+    if kind is str or value is None or kind is bool:
+        return value
+    encoder = _ENCODERS.get(kind) or _find_encoder(kind)
+    if encoder is None:
+        raise EncodeError(
+            f"values of type {kind.__module__}.{kind.__qualname__} cannot be encoded exactly; "
+            "cast the column to text or a plain type in the table's SELECT"
+        )
+    return encoder(value)
+
+
+def encode_row(row: Sequence[Any]) -> list[Wire]:
+    """Return the wire form of a row."""
+    return [encode_value(value) for value in row]
+
+
+def dumps(wire: Wire) -> bytes:
+    """Return the canonical bytes of a wire value or row."""
+    return orjson.dumps(wire)
+
+
+def row_hash(encoded_row: bytes) -> bytes:
+    """Return the row hash of a row's canonical bytes."""
+    return blake2b(encoded_row, digest_size=HASH_BYTES).digest()
+
+
+def key_bytes(wire_key: Wire) -> bytes:
+    """Return the canonical bytes that identify a key (a wire list, or a keyless row's hash)."""
+    return orjson.dumps(wire_key)
+
+
+_DECODERS: dict[str, Callable[[str], Any]] = {
+    "$dec": Decimal,
+    "$float": float,
+    "$int": int,
+    "$bytes": base64.b64decode,
+    "$ts": dt.datetime.fromisoformat,
+    "$tstz": dt.datetime.fromisoformat,
+    "$date": dt.date.fromisoformat,
+    "$time": dt.time.fromisoformat,
+    "$timetz": dt.time.fromisoformat,
+    "$interval": lambda text: dt.timedelta(microseconds=int(text)),
+    "$uuid": uuid.UUID,
+    "$inet": lambda text: ipaddress.ip_interface(text) if "/" in text else ipaddress.ip_address(text),
+    "$json": orjson.loads,
+}
+
+
+def decode_value(wire: Wire) -> Any:
+    """Return the Python value a wire value stands for (the inverse of `encode_value`)."""
+    if isinstance(wire, dict):
+        ((tag, text),) = wire.items()
+        return _DECODERS[tag](text)
+    if isinstance(wire, list):
+        return [decode_value(item) for item in wire]
+    return wire
+
+
+def text_value(wire: Wire) -> str:
+    """Return a value as plain text, for CSV: NULL is the empty string."""
+    if wire is None:
+        return ""
+    if isinstance(wire, bool):
+        return "true" if wire else "false"
+    if isinstance(wire, dict):
+        ((_tag, text),) = wire.items()
+        return str(text)
+    if isinstance(wire, list):
+        return orjson.dumps(wire).decode()
+    return str(wire)
