@@ -8,7 +8,8 @@ and what to do next, so the command line can print it as one line without a trac
     ├── SourceError            a source database could not be reached or read
     │   └── EncodeError        a value of a type the canonical encoding does not know
     ├── TableError             one table's run was abandoned (duplicate keys, mass delete, ...)
-    ├── StateError             the state directory is locked, full or damaged
+    ├── StateError             the state directory is full or damaged
+    │   └── LockedError        another process holds the state directory's lock
     ├── QueueError             the durable queue could not be opened or written
     ├── UploadError            a batch did not reach the store
     │   ├── TransportError     network failure, timeout, 5xx or 429: retried, then left queued
@@ -48,6 +49,10 @@ class TableError(MantaError):
 
 class StateError(MantaError):
     """The state directory is locked by another process, full, or damaged."""
+
+
+class LockedError(StateError):
+    """Another manta-async process holds a lock on the same state directory."""
 
 
 class QueueError(MantaError):

@@ -1,0 +1,177 @@
+"""The agent's two ways of working: one run from cron, or a long-lived drainer.
+
+`run_once` reads and stages the tables under the extract lock, then drains the queue if no
+other process does; if `serve` is draining, it waits for its own batches to be acked.
+`serve` holds the drain lock, sends batches as they come, and can also run the tables on a
+schedule. Exit codes are documented in docs/cli.md and kept here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from manta_async.config import Config
+from manta_async.diff.index import Index
+from manta_async.errors import StateError
+from manta_async.locks import DRAIN, EXTRACT, StateLock
+from manta_async.queue.batchqueue import ACKED, FAILED, BatchQueue
+from manta_async.sync import SyncResult, sync_tables
+from manta_async.transport.client import StoreClient
+from manta_async.transport.uploader import DrainReport, Uploader
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_QUEUED = 3
+EXIT_PARKED = 4
+EXIT_TABLE_FAILED = 5
+EXIT_LOCKED = 6
+
+_REFUSED_PAUSE_S = 60.0
+
+
+@dataclass
+class RunReport:
+    """What `run_once` did, and the exit code it stands for."""
+
+    sync: SyncResult | None = None
+    drain: DrainReport | None = None
+    handed_over: bool = False
+    """True when a running `serve` drains the queue and this run only waited for it."""
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def waiting(self) -> int:
+        return self.counts.get("pending", 0) + self.counts.get("in flight", 0)
+
+    @property
+    def exit_code(self) -> int:
+        if self.drain is not None and self.drain.refused:
+            return EXIT_ERROR
+        if self.counts.get(FAILED, 0):
+            return EXIT_PARKED
+        if self.sync is not None and self.sync.failed:
+            return EXIT_TABLE_FAILED
+        if self.waiting:
+            return EXIT_QUEUED
+        return EXIT_OK
+
+
+async def run_once(
+    config: Config, tables: list[str], *, drain: bool = True, wait_s: float | None = None
+) -> RunReport:
+    """Sync the named tables once, then deliver what waits in the queue."""
+    state_dir = config.state_dir
+    report = RunReport()
+
+    # Read and stage under the extract lock; the queue is only put into here.
+    with StateLock(state_dir, EXTRACT):
+        async with Index(state_dir / "index.db") as index:
+            async with BatchQueue(state_dir, drain=False) as queue:
+                report.sync = await sync_tables(config, index, queue, tables)
+
+    if not drain:
+        report.counts = await queue_counts(config)
+        return report
+
+    # Deliver, unless `serve` already does: then wait for it to deliver our batches.
+    drain_lock = StateLock(state_dir, DRAIN)
+    if drain_lock.try_acquire():
+        try:
+            report.drain = await drain_queue(config, retry_for_s=config.store.retry_for_s)
+        finally:
+            drain_lock.release()
+    else:
+        report.handed_over = True
+        timeout_s = config.store.retry_for_s if wait_s is None else wait_s
+        await _wait_for(config, report.sync.queued, timeout_s)
+    report.counts = await queue_counts(config)
+    return report
+
+
+async def drain_queue(config: Config, *, retry_for_s: float | None) -> DrainReport:
+    """Send every pending batch once (the caller holds the drain lock)."""
+    async with BatchQueue(config.state_dir, drain=True) as queue:
+        async with StoreClient(config.store, config.agent.name) as client:
+            uploader = Uploader(
+                queue, client, retry_for_s=retry_for_s, max_backoff_s=config.store.max_backoff_s
+            )
+            report = await uploader.drain()
+        await queue.call(queue.clear_acked)
+    return report
+
+
+async def queue_counts(config: Config) -> dict[str, int]:
+    async with BatchQueue(config.state_dir, drain=False) as queue:
+        return await queue.call(queue.counts)
+
+
+async def _wait_for(config: Config, pqids: list[int], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with BatchQueue(config.state_dir, drain=False) as queue:
+        while pqids and time.monotonic() < deadline:
+            statuses = await queue.call(queue.statuses, pqids)
+            pqids = [p for p in pqids if statuses.get(p, ACKED) not in (ACKED, FAILED)]
+            if pqids:
+                await asyncio.sleep(0.5)
+
+
+async def serve(config: Config, *, every_s: float | None, stop: asyncio.Event) -> None:
+    """Drain the queue until `stop` is set; with `every_s`, also sync all tables that often."""
+    state_dir = config.state_dir
+    drain_lock = StateLock(state_dir, DRAIN)
+    drain_lock.acquire()
+    try:
+        async with BatchQueue(state_dir, drain=True) as queue:
+            async with StoreClient(config.store, config.agent.name) as client:
+                uploader = Uploader(
+                    queue,
+                    client,
+                    retry_for_s=None,
+                    max_backoff_s=config.store.max_backoff_s,
+                    stop=stop,
+                )
+                tasks = [asyncio.create_task(_drain_forever(uploader, stop))]
+                if every_s is not None:
+                    tasks.append(asyncio.create_task(_sync_every(config, queue, every_s, stop)))
+                await asyncio.gather(*tasks)
+    finally:
+        drain_lock.release()
+
+
+async def _drain_forever(uploader: Uploader, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        report = await uploader.drain(follow=True)
+        if report.refused:
+            log.error("the store refuses this agent; trying again in %.0fs", _REFUSED_PAUSE_S)
+            await _sleep_unless(stop, _REFUSED_PAUSE_S)
+
+
+async def _sync_every(config: Config, queue: BatchQueue, every_s: float, stop: asyncio.Event) -> None:
+    extract_lock = StateLock(config.state_dir, EXTRACT)
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            extract_lock.acquire()
+        except StateError as exc:
+            log.warning("skipping this scheduled run: %s", exc)
+        else:
+            try:
+                async with Index(config.state_dir / "index.db") as index:
+                    await sync_tables(config, index, queue, list(config.tables))
+            except Exception:
+                log.exception("the scheduled run failed; the next one runs as planned")
+            finally:
+                extract_lock.release()
+        await _sleep_unless(stop, max(0.0, every_s - (time.monotonic() - started)))
+
+
+async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+    except asyncio.TimeoutError:
+        pass

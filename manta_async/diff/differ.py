@@ -1,0 +1,359 @@
+"""One table's run: compare the rows of a complete read with the index and stage the changes.
+
+A `TableDiff` holds one SQLite transaction on the index from `start` to `commit` or `abort`.
+Each chunk of rows is encoded, hashed and looked up by key; new keys are inserts, keys whose
+hash moved are updates. Which keys were seen is kept in a bitmap over the index's row ids, so
+the run writes nothing for an unchanged row and memory stays small (one bit per indexed row).
+Keys the read did not return are deletes, known only once the read is complete.
+
+Changes are packed into batches as they appear and staged in the outbox in the same
+transaction. Sequence numbers are given at commit time, deletes first, so a key that moved
+(id 1 becomes id 3 with the same unique value) never collides at a store that checks uniques.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from manta_async.diff import codec
+from manta_async.diff.index import Index, TableState
+from manta_async.errors import TableError
+from manta_async.extract.base import Column, Row
+
+_LOOKUP_KEYS = 10_000
+_INSERT = b'["insert",'
+_UPDATE = b'["update",'
+_DELETE = b'["delete",'
+_PHASE_DELETE = 0
+_PHASE_UPSERT = 1
+
+
+@dataclass
+class DiffStats:
+    """What one table's run found."""
+
+    rows: int = 0
+    inserts: int = 0
+    updates: int = 0
+    deletes: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+
+    @property
+    def changes(self) -> int:
+        return self.inserts + self.updates + self.deletes
+
+
+@dataclass
+class _Seen:
+    """A key seen more than once in this run (or a keyless row whose count may change)."""
+
+    rowid: int
+    stored_n: int
+    count: int
+    row: bytes
+
+
+@dataclass
+class _BatchBuilder:
+    phase: int
+    changes: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+
+class TableDiff:
+    """The open run of one table against the index; see the module docstring."""
+
+    def __init__(
+        self,
+        index: Index,
+        table: str,
+        key: list[str] | None,
+        columns: list[Column],
+        batch_rows: int,
+        batch_bytes: int,
+    ) -> None:
+        self.index = index
+        self.table = table
+        self.key = key
+        self.columns = columns
+        self.batch_rows = batch_rows
+        self.batch_bytes = batch_bytes
+        self.stats = DiffStats()
+        self._key_pos = self._key_positions()
+        self._started = time.monotonic()
+        self._state: TableState | None = None
+        self._old_max = 0
+        self._old_rows = 0
+        self._bitmap = bytearray()
+        self._matched = 0
+        self._next_seq = 0
+        self._seen_again: dict[bytes, _Seen] = {}
+        self._upserts = _BatchBuilder(_PHASE_UPSERT)
+        self._header = orjson.dumps(
+            {
+                "format": 1,
+                "columns": [{"name": c.name, "type": c.type} for c in columns],
+                "key": key or [],
+            }
+        )
+
+    def _key_positions(self) -> list[int] | None:
+        if self.key is None:
+            return None
+        names = [c.name for c in self.columns]
+        missing = [k for k in self.key if k not in names]
+        if missing:
+            raise TableError(
+                self.table,
+                f"key column(s) {', '.join(missing)} are not in the SELECT's result "
+                f"(columns: {', '.join(names)}); fix 'key' or the 'sql' of the table",
+            )
+        if len(set(names)) != len(names):
+            raise TableError(self.table, "the SELECT returns two columns with the same name")
+        return [names.index(k) for k in self.key]
+
+    # The transaction
+
+    def start(self) -> None:
+        conn = self.index.conn
+        conn.execute("BEGIN IMMEDIATE")
+        state = self.index.ensure_table(self.table, self.key)
+        if state.key != self.key:
+            conn.execute("ROLLBACK")
+            raise TableError(
+                self.table,
+                f"its key changed from {state.key} to {self.key}; the store's copy is keyed "
+                "the old way, so send the table again with 'manta-async resync "
+                f"{self.table}'",
+            )
+        self._state = state
+        idx = state.idx_table
+        self._old_max = conn.execute(f"SELECT coalesce(max(rowid), 0) FROM {idx}").fetchone()[0]
+        self._old_rows = conn.execute(f"SELECT count(*) FROM {idx}").fetchone()[0]
+        self._bitmap = bytearray((self._old_max >> 3) + 1)
+
+    def abort(self) -> None:
+        """Forget this run: the index and the outbox stay exactly as before it."""
+        if self.index.conn.in_transaction:
+            self.index.conn.execute("ROLLBACK")
+
+    def commit(self) -> DiffStats:
+        """Find the deletes, give the staged batches their sequence numbers, and commit."""
+        try:
+            self._fail_on_duplicates()
+            self._finish_seen_again()
+            self._flush(self._upserts)
+            self._stage_deletes()
+            self._number_batches()
+            self._record_table()
+            self.index.conn.execute("COMMIT")
+        except BaseException:
+            self.abort()
+            raise
+        self.stats.seconds = time.monotonic() - self._started
+        return self.stats
+
+    # Chunks
+
+    def add_chunk(self, rows: Sequence[Row]) -> None:
+        """Compare one chunk of the read with the index."""
+        entries = self._encode(rows)
+        found = self._lookup(list(entries))
+        conn = self.index.conn
+        idx = self._idx
+        inserts: list[tuple[bytes, bytes, int]] = []
+        updates: list[tuple[bytes, int]] = []
+        for key, (row, digest, count) in entries.items():
+            hit = found.get(key)
+            if hit is None:
+                inserts.append((key, digest, count))
+                self._emit(_INSERT, key, row, count)
+                self.stats.inserts += 1
+                if self.key is not None and count > 1:
+                    self._seen_again[key] = _Seen(0, 1, count, row)
+                continue
+            rowid, old_digest, stored_n = hit
+            if rowid > self._old_max or self._bit(rowid):
+                self._again(key, rowid, stored_n, count, row)
+                continue
+            self._set_bit(rowid)
+            if self.key is None:
+                if stored_n != 1 or count != 1:
+                    self._seen_again[key] = _Seen(rowid, stored_n, count, row)
+            elif count > 1:
+                self._seen_again[key] = _Seen(rowid, 1, count, row)
+            elif old_digest != digest:
+                updates.append((digest, rowid))
+                self._emit(_UPDATE, key, row, 1)
+                self.stats.updates += 1
+        if inserts:
+            conn.executemany(f"INSERT INTO {idx} (key, hash, n) VALUES (?, ?, ?)", inserts)
+        if updates:
+            conn.executemany(f"UPDATE {idx} SET hash = ? WHERE rowid = ?", updates)
+        self.stats.rows += len(rows)
+
+    @property
+    def _idx(self) -> str:
+        assert self._state is not None, "start() opens the run before chunks are added"
+        return self._state.idx_table
+
+    def _encode(self, rows: Sequence[Row]) -> dict[bytes, tuple[bytes, bytes, int]]:
+        # Key bytes → (row bytes, row hash, how often the key occurs in this chunk).
+        entries: dict[bytes, tuple[bytes, bytes, int]] = {}
+        key_pos = self._key_pos
+        for source_row in rows:
+            wire = codec.encode_row(source_row)
+            row = codec.dumps(wire)
+            digest = codec.row_hash(row)
+            if key_pos is None:
+                wire_key: Any = digest.hex()
+            else:
+                wire_key = [wire[i] for i in key_pos]
+            key = codec.key_bytes(wire_key)
+            previous = entries.get(key)
+            count = 1 if previous is None else previous[2] + 1
+            entries[key] = (row, digest, count)
+        return entries
+
+    def _lookup(self, keys: list[bytes]) -> dict[bytes, tuple[int, bytes, int]]:
+        found: dict[bytes, tuple[int, bytes, int]] = {}
+        conn = self.index.conn
+        for start in range(0, len(keys), _LOOKUP_KEYS):
+            part = keys[start : start + _LOOKUP_KEYS]
+            marks = ",".join("?" * len(part))
+            sql = f"SELECT key, rowid, hash, n FROM {self._idx} WHERE key IN ({marks})"
+            for key, rowid, digest, n in conn.execute(sql, part):
+                found[key] = (rowid, digest, n)
+        return found
+
+    def _again(self, key: bytes, rowid: int, stored_n: int, count: int, row: bytes) -> None:
+        # A key seen in an earlier chunk of this run: a duplicate for a keyed table, one more
+        # copy of the row for a keyless one.
+        seen = self._seen_again.get(key)
+        if seen is not None:
+            seen.count += count
+        elif rowid > self._old_max:
+            self._seen_again[key] = _Seen(rowid, stored_n, stored_n + count, row)
+        else:
+            self._seen_again[key] = _Seen(rowid, 1, 1 + count, row)
+
+    def _bit(self, rowid: int) -> bool:
+        return bool(self._bitmap[rowid >> 3] & (1 << (rowid & 7)))
+
+    def _set_bit(self, rowid: int) -> None:
+        self._bitmap[rowid >> 3] |= 1 << (rowid & 7)
+        self._matched += 1
+
+    # Finishing
+
+    def _fail_on_duplicates(self) -> None:
+        if self.key is None:
+            return
+        duplicates = [(key, seen) for key, seen in self._seen_again.items() if seen.count > 1]
+        if not duplicates:
+            return
+        key, first = duplicates[0]
+        shown = key.decode()
+        more = f" ({len(duplicates) - 1} more keys are duplicated)" if len(duplicates) > 1 else ""
+        raise TableError(
+            self.table,
+            f"key {', '.join(self.key)} = {shown} occurs {first.count} times in the result"
+            f"{more}; nothing was sent. Make the key unique (a JOIN that fans out, NULL keys) "
+            "or leave 'key' out to treat the rows as a multiset",
+        )
+
+    def _finish_seen_again(self) -> None:
+        # Keyless rows whose number of copies is only known now that the read is complete.
+        conn = self.index.conn
+        for key, seen in self._seen_again.items():
+            if seen.count == seen.stored_n:
+                continue
+            conn.execute(f"UPDATE {self._idx} SET n = ? WHERE rowid = ?", (seen.count, seen.rowid))
+            self._emit(_UPDATE, key, seen.row, seen.count)
+            self.stats.updates += 1
+
+    def _stage_deletes(self) -> None:
+        if self._matched == self._old_rows:
+            return
+        conn = self.index.conn
+        builder = _BatchBuilder(_PHASE_DELETE)
+        gone: list[tuple[int]] = []
+        cursor = conn.execute(
+            f"SELECT rowid, key FROM {self._idx} WHERE rowid <= ?", (self._old_max,)
+        )
+        for rowid, key in cursor:
+            if self._bit(rowid):
+                continue
+            gone.append((rowid,))
+            change = _DELETE + key + b"]"
+            self._add(builder, change)
+            self.stats.deletes += 1
+        conn.executemany(f"DELETE FROM {self._idx} WHERE rowid = ?", gone)
+        self._flush(builder)
+
+    def _number_batches(self) -> None:
+        assert self._state is not None
+        conn = self.index.conn
+        staged = conn.execute(
+            "SELECT id FROM outbox WHERE tbl = ? AND seq IS NULL ORDER BY phase, id",
+            (self.table,),
+        ).fetchall()
+        seq = self._state.next_seq
+        for (outbox_id,) in staged:
+            conn.execute("UPDATE outbox SET seq = ? WHERE id = ?", (seq, outbox_id))
+            seq += 1
+        self._next_seq = seq
+
+    def _record_table(self) -> None:
+        columns = orjson.dumps([{"name": c.name, "type": c.type} for c in self.columns])
+        rows = self._old_rows + self.stats.inserts - self.stats.deletes
+        self.index.conn.execute(
+            "UPDATE tables SET next_seq = ?, columns = ?, rows = ?, synced_at = ? "
+            "WHERE name = ?",
+            (self._next_seq, columns, rows, time.time(), self.table),
+        )
+
+    # Batches
+
+    def _emit(self, op: bytes, key: bytes, row: bytes, count: int) -> None:
+        if self.key is None:
+            change = op + key + b"," + row + b"," + str(count).encode() + b"]"
+        else:
+            change = op + key + b"," + row + b"]"
+        self._add(self._upserts, change)
+
+    def _add(self, builder: _BatchBuilder, change: bytes) -> None:
+        if builder.changes and (
+            len(builder.changes) >= self.batch_rows
+            or builder.size + len(change) > self.batch_bytes
+        ):
+            self._flush(builder)
+        builder.changes.append(change)
+        builder.size += len(change) + 1
+
+    def _flush(self, builder: _BatchBuilder) -> None:
+        if not builder.changes:
+            return
+        changes = b"[" + b",".join(builder.changes) + b"]"
+        self.index.conn.execute(
+            "INSERT INTO outbox (tbl, batch_id, phase, header, changes, rows) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                self.table,
+                uuid.uuid4().hex,
+                builder.phase,
+                self._header,
+                changes,
+                len(builder.changes),
+            ),
+        )
+        self.stats.batches += 1
+        builder.changes = []
+        builder.size = 0

@@ -1,0 +1,185 @@
+"""The index: for each table, key → row hash of every row the store has been sent, on disk.
+
+The index lives in one SQLite file, `index.db`, with the *outbox*: the batches a run produced
+but has not yet handed to the queue. A table's run updates its index and stages its batches in
+one transaction, so the two can never disagree: either the run committed (the new hashes and
+every batch that carries them), or it left no trace. The outbox is then moved batch by batch
+into the durable queue; a crash during the move puts a batch twice, and the store, which
+applies a batch id at most once, ignores the second copy.
+
+All methods are blocking; `Index.call` runs them on the index's own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from manta_async.errors import StateError
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tables (
+    name TEXT PRIMARY KEY,
+    slot INTEGER NOT NULL UNIQUE,
+    next_seq INTEGER NOT NULL DEFAULT 1,
+    columns TEXT NOT NULL DEFAULT '[]',
+    key TEXT,
+    rows INTEGER NOT NULL DEFAULT 0,
+    synced_at REAL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    tbl TEXT NOT NULL,
+    seq INTEGER,
+    batch_id TEXT NOT NULL UNIQUE,
+    phase INTEGER NOT NULL,
+    header BLOB NOT NULL,
+    changes BLOB NOT NULL,
+    rows INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class TableState:
+    """What the index knows of one table."""
+
+    name: str
+    slot: int
+    next_seq: int
+    columns: list[dict[str, str]]
+    key: list[str] | None
+    rows: int
+
+    @property
+    def idx_table(self) -> str:
+        return f"idx_{self.slot}"
+
+
+@dataclass(frozen=True)
+class OutboxBatch:
+    """A batch staged by a committed run and not yet put into the queue."""
+
+    id: int
+    table: str
+    seq: int
+    batch_id: str
+    rows: int
+
+    def payload(self, agent: str, header: bytes, changes: bytes) -> bytes:
+        fields = orjson.loads(header)
+        fields.update(id=self.batch_id, agent=agent, table=self.table, seq=self.seq)
+        fields["changes"] = orjson.Fragment(changes)
+        return orjson.dumps(fields)
+
+
+class Index:
+    """The index file of one agent; an async context manager around one SQLite connection."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="manta-index")
+        self._conn: sqlite3.Connection | None = None
+
+    async def __aenter__(self) -> Index:
+        await self.call(self._open)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.call(self._close)
+        self._executor.shutdown(wait=True)
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking index method on the index's thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StateError("The index is not open; use it inside 'async with Index(...)'.")
+        return self._conn
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before it returns, so power loss cannot undo it.
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=10000")
+            result = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if result != "ok":
+                raise sqlite3.DatabaseError(result)
+            conn.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StateError(
+                f"the index {self.path} is damaged ({exc}); move it aside and run "
+                "'manta-async resync' for every table to rebuild it from the sources"
+            ) from exc
+        self._conn = conn
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # Tables
+
+    def table_state(self, name: str) -> TableState | None:
+        row = self.conn.execute(
+            "SELECT name, slot, next_seq, columns, key, rows FROM tables WHERE name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            return None
+        key = orjson.loads(row[4]) if row[4] is not None else None
+        return TableState(row[0], row[1], row[2], orjson.loads(row[3]), key, row[5])
+
+    def tables(self) -> list[TableState]:
+        names = [r[0] for r in self.conn.execute("SELECT name FROM tables ORDER BY name")]
+        return [state for name in names if (state := self.table_state(name)) is not None]
+
+    def ensure_table(self, name: str, key: list[str] | None) -> TableState:
+        """Return the table's state, registering it (inside the open transaction) if new."""
+        state = self.table_state(name)
+        if state is not None:
+            return state
+        slot = self.conn.execute("SELECT coalesce(max(slot), 0) + 1 FROM tables").fetchone()[0]
+        self.conn.execute(
+            "INSERT INTO tables (name, slot, key) VALUES (?, ?, ?)",
+            (name, slot, None if key is None else orjson.dumps(key)),
+        )
+        self.conn.execute(
+            f"CREATE TABLE idx_{slot} (key BLOB NOT NULL UNIQUE, hash BLOB NOT NULL, "
+            "n INTEGER NOT NULL DEFAULT 1)"
+        )
+        state = self.table_state(name)
+        assert state is not None
+        return state
+
+    # Outbox
+
+    def outbox(self) -> list[OutboxBatch]:
+        """Committed batches not yet queued, in the order each table must apply them."""
+        rows = self.conn.execute(
+            "SELECT id, tbl, seq, batch_id, rows FROM outbox WHERE seq IS NOT NULL "
+            "ORDER BY tbl, seq"
+        ).fetchall()
+        return [OutboxBatch(*row) for row in rows]
+
+    def outbox_payload(self, batch: OutboxBatch, agent: str) -> bytes:
+        header, changes = self.conn.execute(
+            "SELECT header, changes FROM outbox WHERE id = ?", (batch.id,)
+        ).fetchone()
+        return batch.payload(agent, header, changes)
+
+    def outbox_done(self, batch: OutboxBatch) -> None:
+        self.conn.execute("DELETE FROM outbox WHERE id = ?", (batch.id,))
