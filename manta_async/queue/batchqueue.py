@@ -12,7 +12,8 @@ persist-queue 1.1 has traps this wrapper keeps away from the rest of the code:
 - A `nack` after an `ack` brings an item back; an id is acked or failed once, never nacked
   after.
 - `qsize()` is a per-process counter that drifts; counts come from the table itself.
-- Acked rows stay until cleared; `clear_acked` keeps the most recent for `queue list`.
+- Acked rows stay until cleared; `clear_acked` keeps the most recent for `queue list`, and
+  always passes a delete limit (without one, 1.1 builds SQL that SQLite rejects).
 Every commit of the queue is made with `synchronous=FULL`.
 """
 
@@ -218,7 +219,9 @@ class BatchQueue:
         return True
 
     def clear_acked(self, keep_latest: int = 200) -> None:
-        self._queue.clear_acked_data(max_delete=None, keep_latest=keep_latest)
+        # persist-queue writes OFFSET without LIMIT when max_delete is unset, which SQLite
+        # rejects: always give a limit.
+        self._queue.clear_acked_data(max_delete=1_000_000, keep_latest=keep_latest)
 
     # Looking
 

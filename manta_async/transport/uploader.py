@@ -19,7 +19,8 @@ from tenacity import (
     retry_if_exception_type,
     stop_before_delay,
     stop_never,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from manta_async.errors import RejectedError, TransportError
@@ -65,7 +66,7 @@ class Uploader:
         self.client = client
         self.retry_for_s = retry_for_s
         self.stop = stop or asyncio.Event()
-        self._backoff = wait_exponential_jitter(initial=0.2, max=max_backoff_s, jitter=0.5)
+        self._backoff = wait_exponential(multiplier=0.2, max=max_backoff_s) + wait_random(0, 0.5)
 
     async def drain(self, *, follow: bool = False) -> DrainReport:
         """Send every pending batch; with `follow`, keep waiting for new ones until stopped."""
