@@ -38,7 +38,7 @@ def parse_duration(text: str) -> float:
 
 
 def fail(message: str, code: int = agent.EXIT_ERROR) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}")
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
     sys.exit(code)
 
 
@@ -150,7 +150,7 @@ def _print_run(report: agent.RunReport) -> None:
         out.print(f"delivered {d.applied} batches ({d.duplicates} already applied)")
         for problem in (d.unreachable, d.refused):
             if problem:
-                err.print(f"[bold red]error:[/] {problem}")
+                err.print(f"[bold red]error:[/] {problem}", soft_wrap=True)
     if report.handed_over:
         out.print("another process (serve) is draining the queue; waited for it")
     counts = report.counts

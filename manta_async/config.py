@@ -19,6 +19,7 @@ from manta_async.errors import ConfigError
 
 _ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NAME = r"^[A-Za-z_][A-Za-z0-9_.-]{0,62}$"
+_NAME_RULE = "must start with a letter or '_' and hold only letters, digits, _ - ."
 SCHEMES = ("postgresql", "postgres", "mysql", "mariadb", "sqlite")
 
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -28,14 +29,25 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _check_name(name: str) -> str:
+    if not re.match(_NAME, name):
+        raise ValueError(_NAME_RULE)
+    return name
+
+
 class AgentConfig(_Section):
-    name: Annotated[str, Field(pattern=_NAME)]
+    name: str
     state_dir: Path = Path("state")
     chunk_rows: PositiveInt = 5000
     batch_rows: PositiveInt = 5000
     batch_bytes: PositiveInt = 4 * 1024 * 1024
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        return _check_name(name)
 
 
 class StoreConfig(_Section):
@@ -65,7 +77,7 @@ class SourceConfig(_Section):
     def _known_scheme(cls, url: str) -> str:
         scheme = urlsplit(url).scheme
         if scheme not in SCHEMES:
-            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)} (got {scheme!r})")
+            raise ValueError(f"the scheme must be one of {', '.join(SCHEMES)}")
         return url
 
     @property
@@ -101,7 +113,7 @@ class Config(_Section):
     def _tables_name_sources(self) -> Config:
         for name, table in self.tables.items():
             if not re.match(_NAME, name):
-                raise ValueError(f"table name {name!r} must be letters, digits, '_', '-', '.'")
+                raise ValueError(f"table name {name!r} {_NAME_RULE}")
             if table.source not in self.sources:
                 known = ", ".join(sorted(self.sources)) or "none"
                 raise ValueError(
