@@ -106,12 +106,15 @@ def make_config(tmp_path: Path) -> MakeConfig:
         store_url: str,
         source_url: str,
         tables: dict[str, dict[str, Any]],
+        store: dict[str, Any] | None = None,
         **agent: Any,
     ) -> Config:
+        store_keys = {"token": TOKEN, "retry_for_s": 2, "max_backoff_s": 0.5, **(store or {})}
         lines = ["[agent]", 'name = "test-agent"', 'state_dir = "state"']
         lines += [f"{k} = {v!r}" for k, v in agent.items()]
-        lines += ["[store]", f'url = "{store_url}"', f'token = "{TOKEN}"', "retry_for_s = 2"]
-        lines += ["max_backoff_s = 0.5", "[sources.db]", f'url = "{source_url}"']
+        lines += ["[store]", f'url = "{store_url}"']
+        lines += [f"{k} = {v!r}" for k, v in store_keys.items()]
+        lines += ["[sources.db]", f'url = "{source_url}"']
         for name, spec in tables.items():
             lines += [f"[tables.{name}]", 'source = "db"', f"sql = {spec['sql']!r}"]
             if spec.get("key") is not None:
