@@ -13,6 +13,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from manta_async import __version__, agent
@@ -38,7 +39,7 @@ def parse_duration(text: str) -> float:
 
 
 def fail(message: str, code: int = agent.EXIT_ERROR) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     sys.exit(code)
 
 
@@ -137,20 +138,26 @@ def _print_run(report: agent.RunReport) -> None:
     grid = Table(title="sync", title_justify="left")
     for column in ("table", "rows", "inserts", "updates", "deletes", "batches", "result"):
         grid.add_column(column, justify="left" if column in ("table", "result") else "right")
-    for outcome in report.sync.tables if report.sync else []:
+    outcomes = report.sync.tables if report.sync else []
+    for outcome in outcomes:
         if outcome.stats is None:
-            grid.add_row(outcome.table, "", "", "", "", "", f"[red]{outcome.error}[/]")
+            grid.add_row(outcome.table, "", "", "", "", "", "[red]failed[/]")
             continue
         s = outcome.stats
         row = [s.rows, s.inserts, s.updates, s.deletes, s.batches]
         grid.add_row(outcome.table, *(str(v) for v in row), "ok")
     out.print(grid)
+    for outcome in outcomes:
+        if outcome.error:
+            err.print(f"[bold red]error:[/] {escape(outcome.error)}", soft_wrap=True)
     if report.drain is not None:
         d = report.drain
         out.print(f"delivered {d.applied} batches ({d.duplicates} already applied)")
-        for problem in (d.unreachable, d.refused):
-            if problem:
-                err.print(f"[bold red]error:[/] {problem}", soft_wrap=True)
+        if d.unreachable:
+            err.print(f"[bold red]error:[/] {escape(d.unreachable)}; the batches stay queued for the "
+                      "next run", soft_wrap=True)  # fmt: skip
+        if d.refused:
+            err.print(f"[bold red]error:[/] {escape(d.refused)}", soft_wrap=True)
     if report.handed_over:
         out.print("another process (serve) is draining the queue; waited for it")
     counts = report.counts
@@ -271,10 +278,10 @@ def queue_show(ctx: click.Context, pqid: int, limit: int) -> None:
     out.print(f"batch {e.pqid}: table {e.table!r}, seq {e.seq}, {e.status}, {e.rows} changes")
     out.print(f"batch id {e.batch_id}, queued {time.ctime(e.queued_at)}, {e.size_bytes} bytes")
     if e.reason:
-        out.print(f"[red]refused:[/] {e.reason}")
+        out.print(f"[red]refused:[/] {escape(e.reason)}")
     out.print("columns: " + ", ".join(f"{c['name']} {c['type']}" for c in batch["columns"]))
     for change in batch["changes"][:limit]:
-        out.print(f"  {change[0]:7} {codec.dumps(change[1]).decode()}", soft_wrap=True)
+        out.print(f"  {change[0]:7} {escape(codec.dumps(change[1:]).decode())}", soft_wrap=True)
 
 
 @queue.command("retry")

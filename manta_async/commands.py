@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 
 from manta_async.config import Config
 from manta_async.errors import MantaError
@@ -36,13 +37,16 @@ async def check_all(config: Config, console: Console) -> int:
         try:
             columns, _rows = await preview(config, name, 1)
         except MantaError as exc:
-            console.print(f"[red]fail[/] table {name}: {exc}")
+            console.print(f"[red]fail[/] table {name}: {escape(str(exc))}", soft_wrap=True)
             failed += 1
             continue
         names = [c.name for c in columns]
         missing = [k for k in config.tables[name].key or [] if k not in names]
         if missing:
-            console.print(f"[red]fail[/] table {name}: key column(s) {missing} not in {names}")
+            console.print(
+                f"[red]fail[/] table {name}: key column(s) {escape(str(missing))} are not in "
+                f"the SELECT's columns {escape(str(names))}"
+            )
             failed += 1
         else:
             console.print(f"[green]ok[/]   table {name}: {len(columns)} columns")
@@ -51,6 +55,6 @@ async def check_all(config: Config, console: Console) -> int:
             await client.health()
         console.print(f"[green]ok[/]   store {config.store.url}")
     except MantaError as exc:
-        console.print(f"[red]fail[/] store: {exc}")
+        console.print(f"[red]fail[/] store: {escape(str(exc))}", soft_wrap=True)
         failed += 1
     return failed

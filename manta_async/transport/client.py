@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import io
 import logging
 import time
 from typing import Literal
@@ -67,8 +68,9 @@ class StoreClient:
         url = f"{self.config.url}/v1/agents/{self.agent}/batches"
         where = f"batch {seq} of table {table!r} to {self.config.url}"
         try:
+            # A file-like body: aiohttp warns that large raw bytes may block the event loop.
             async with self.session.post(
-                url, data=payload, headers={"Content-Type": "application/json"}
+                url, data=io.BytesIO(payload), headers={"Content-Type": "application/json"}
             ) as response:
                 body = await response.read()
                 return self._answer(response, body, where)
