@@ -1,0 +1,209 @@
+"""The PostgreSQL extractor, on asyncpg.
+
+Each read runs in a read-only REPEATABLE READ transaction and pulls its rows through a
+server-side cursor, `chunk_rows` rows per round trip, so memory stays bounded whatever the
+table's size. The session's TimeZone is UTC so timestamptz values come back in UTC.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from manta_async.config import SourceConfig
+from manta_async.errors import SourceError
+from manta_async.extract import Origin, ServerUrl
+from manta_async.extract.base import Column, Row
+
+logger = logging.getLogger(__name__)
+
+# Errors that mean the connection itself is gone, as opposed to the statement failing. When
+# the server ends the session between two fetches, asyncpg may report InternalClientError
+# ("another operation is in progress") instead of a connection error: its protocol is left
+# consuming the server's unsolicited FATAL message.
+_LOST = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.AdminShutdownError,
+    OSError,
+)
+
+
+async def connect(source: SourceConfig, name: str | None = None) -> PostgresSource:
+    """Open a connection to the PostgreSQL database `source.url` names."""
+    origin = Origin(source.url, name)
+    url = ServerUrl.parse(source.url, origin)
+    pg_source = PostgresSource(url, origin, source.connect_timeout_s)
+    await pg_source.open()
+    return pg_source
+
+
+def _convert_error(exc: BaseException, url: ServerUrl, origin: Origin) -> SourceError:
+    """Return the SourceError a user can act on for a failed connection attempt."""
+    detail = str(exc)
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):
+        return origin.refused(url.user or "", detail)
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return origin.unknown_database(url.database or "", detail)
+    if isinstance(exc, OSError):
+        return origin.unreachable(detail or type(exc).__name__)
+    return origin.error("cannot open", detail, f"check url in {origin.section}")
+
+
+class PostgresSource:
+    """One connection to a PostgreSQL database; reads run one after another."""
+
+    def __init__(self, url: ServerUrl, origin: Origin, connect_timeout_s: float) -> None:
+        self._url = url
+        self._origin = origin
+        self._connect_timeout_s = connect_timeout_s
+        self._conn: asyncpg.Connection | None = None
+        self._reading = False
+
+    async def open(self) -> None:
+        """Connect, unless connected already; raise SourceError if that fails."""
+        if self._conn is not None and not self._conn.is_closed():
+            return
+
+        try:
+            self._conn = await asyncpg.connect(
+                host=self._url.host,
+                port=self._url.port,
+                user=self._url.user,
+                password=self._url.password or None,
+                database=self._url.database,
+                timeout=self._connect_timeout_s,
+                server_settings={"TimeZone": "UTC", "application_name": "manta-async"},
+            )
+        except TimeoutError as exc:
+            raise self._origin.timed_out(self._connect_timeout_s) from exc
+        except (*_LOST, asyncpg.PostgresError) as exc:
+            raise _convert_error(exc, self._url, self._origin) from exc
+
+        logger.debug("connected to %s", self._origin.masked)
+
+    @asynccontextmanager
+    async def read(self, sql: str, chunk_rows: int) -> AsyncIterator[PostgresResult]:
+        """Run `sql` in a read-only snapshot and yield its result, to be read in chunks."""
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be at least 1 (got {chunk_rows})")
+        if self._reading:
+            raise RuntimeError("this source is already reading; finish one read before another")
+        await self.open()
+        assert self._conn is not None
+        conn = self._conn
+        transaction = conn.transaction(isolation="repeatable_read", readonly=True)
+
+        self._reading = True
+        try:
+            result = await self._start(conn, transaction, sql, chunk_rows)
+            yield result
+        finally:
+            self._reading = False
+            await self._end(conn, transaction)
+
+    async def _start(
+        self, conn: asyncpg.Connection, transaction: Any, sql: str, chunk_rows: int
+    ) -> PostgresResult:
+        try:
+            await transaction.start()
+            statement = await conn.prepare(sql)
+            attributes = statement.get_attributes()
+            cursor = await statement.cursor()
+        except _LOST as exc:
+            raise self._origin.lost(str(exc)) from exc
+        except asyncpg.PostgresError as exc:
+            raise self._origin.query_failed(str(exc)) from exc
+        return PostgresResult(attributes, cursor, chunk_rows, self._origin)
+
+    async def _end(self, conn: asyncpg.Connection, transaction: Any) -> None:
+        # Rolling back a read-only transaction only releases its snapshot and cursor. When
+        # that fails the connection is in an unknown state, so drop it; the next read
+        # reconnects.
+        if conn.is_closed():
+            return
+        try:
+            await transaction.rollback()
+        except (*_LOST, asyncpg.PostgresError) as exc:
+            logger.debug("dropping the connection to %s: %s", self._origin.masked, exc)
+            conn.terminate()
+
+    async def close(self) -> None:
+        """Close the connection; never raises."""
+        conn, self._conn = self._conn, None
+        if conn is None or conn.is_closed():
+            return
+        try:
+            await conn.close(timeout=self._connect_timeout_s)
+        except (*_LOST, asyncpg.PostgresError, TimeoutError):
+            conn.terminate()
+
+    async def __aenter__(self) -> PostgresSource:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+
+class PostgresResult:
+    """The rows of one SELECT, fetched through a server-side cursor."""
+
+    def __init__(self, attributes: Any, cursor: Any, chunk_rows: int, origin: Origin) -> None:
+        self._columns = [Column(item.name, item.type.name) for item in attributes]
+        self._cursor = cursor
+        self._chunk_rows = chunk_rows
+        self._origin = origin
+        # Composite values arrive as asyncpg Records, inside arrays too; only such columns
+        # pay for the conversion to tuples.
+        self._nested = [
+            i for i, item in enumerate(attributes) if item.type.kind in ("composite", "array")
+        ]
+
+    @property
+    def columns(self) -> list[Column]:
+        return self._columns
+
+    async def chunks(self) -> AsyncIterator[list[Row]]:
+        """Yield lists of at most chunk_rows rows; end only when the server said it is done."""
+        while True:
+            records = await self._fetch()
+            if records:
+                yield [self._row(record) for record in records]
+            # The server returns fewer rows than asked for only when the portal is complete;
+            # a lost connection raises instead.
+            if len(records) < self._chunk_rows:
+                return
+
+    async def _fetch(self) -> list[asyncpg.Record]:
+        try:
+            records: list[asyncpg.Record] = await self._cursor.fetch(self._chunk_rows)
+        except _LOST as exc:
+            raise self._origin.lost(str(exc)) from exc
+        except asyncpg.PostgresError as exc:
+            raise self._origin.query_failed(str(exc)) from exc
+        except TimeoutError as exc:
+            raise self._origin.lost("timed out") from exc
+        return records
+
+    def _row(self, record: asyncpg.Record) -> Row:
+        row = tuple(record)
+        if not self._nested:
+            return row
+        values = list(row)
+        for i in self._nested:
+            values[i] = _plain(values[i])
+        return tuple(values)
+
+
+def _plain(value: Any) -> Any:
+    """Return `value` with asyncpg Records (composite types) turned into tuples."""
+    if isinstance(value, asyncpg.Record):
+        return tuple(_plain(item) for item in value.values())
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
