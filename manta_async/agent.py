@@ -93,6 +93,14 @@ async def run_once(
     return report
 
 
+async def mark_resync(config: Config, tables: list[str]) -> None:
+    """Have the next run of each table send it in full; the store then replaces its copy."""
+    with StateLock(config.state_dir, EXTRACT):
+        async with Index(config.state_dir / "index.db") as index:
+            for table in tables:
+                await index.call(index.mark_resync, table)
+
+
 async def drain_queue(config: Config, *, retry_for_s: float | None) -> DrainReport:
     """Send every pending batch once (the caller holds the drain lock)."""
     async with BatchQueue(config.state_dir, drain=True) as queue:
@@ -151,7 +159,9 @@ async def _drain_forever(uploader: Uploader, stop: asyncio.Event) -> None:
             await _sleep_unless(stop, _REFUSED_PAUSE_S)
 
 
-async def _sync_every(config: Config, queue: BatchQueue, every_s: float, stop: asyncio.Event) -> None:
+async def _sync_every(
+    config: Config, queue: BatchQueue, every_s: float, stop: asyncio.Event
+) -> None:
     extract_lock = StateLock(config.state_dir, EXTRACT)
     while not stop.is_set():
         started = time.monotonic()
@@ -173,5 +183,5 @@ async def _sync_every(config: Config, queue: BatchQueue, every_s: float, stop: a
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
     try:
         await asyncio.wait_for(stop.wait(), timeout=seconds)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass

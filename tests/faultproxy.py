@@ -80,7 +80,9 @@ class Faults:
             return self._drop(request)
         return web.Response(status=status, body=answer, headers=headers)
 
-    async def _upstream(self, request: web.Request, body: bytes) -> tuple[int, dict[str, str], bytes]:
+    async def _upstream(
+        self, request: web.Request, body: bytes
+    ) -> tuple[int, dict[str, str], bytes]:
         assert self.session is not None
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
         url = self.upstream + request.path_qs

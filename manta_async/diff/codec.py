@@ -186,7 +186,9 @@ _DECODERS: dict[str, Callable[[str], Any]] = {
     "$timetz": dt.time.fromisoformat,
     "$interval": lambda text: dt.timedelta(microseconds=int(text)),
     "$uuid": uuid.UUID,
-    "$inet": lambda text: ipaddress.ip_interface(text) if "/" in text else ipaddress.ip_address(text),
+    "$inet": lambda text: (
+        ipaddress.ip_interface(text) if "/" in text else ipaddress.ip_address(text)
+    ),
     "$json": orjson.loads,
 }
 

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
-from persistqueue import SQLiteAckQueue  # type: ignore[import-untyped]
-from persistqueue.sqlackqueue import AckStatus  # type: ignore[import-untyped]
+from persistqueue import SQLiteAckQueue
+from persistqueue.sqlackqueue import AckStatus
 
 from manta_async.errors import QueueError, StateError
 
@@ -66,7 +66,7 @@ class _OrjsonSerializer:
         return orjson.loads(data)
 
 
-class _DurableAckQueue(SQLiteAckQueue):  # type: ignore[misc]
+class _DurableAckQueue(SQLiteAckQueue):
     def _new_db_connection(self, path: str, multithreading: bool, timeout: float) -> Any:
         conn = super()._new_db_connection(path, multithreading, timeout)
         conn.execute("PRAGMA synchronous=FULL")
@@ -192,7 +192,8 @@ class BatchQueue:
         item = self._queue.get(id=pqid, raw=True)
         batch = item["data"]
         payload = orjson.dumps(batch)
-        return Taken(pqid, batch["id"], batch["table"], batch["seq"], len(batch["changes"]), payload)
+        rows = len(batch["changes"])
+        return Taken(pqid, batch["id"], batch["table"], batch["seq"], rows, payload)
 
     def ack(self, pqid: int) -> None:
         self._queue.ack(id=pqid)

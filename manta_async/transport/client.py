@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import io
 import logging
@@ -74,7 +73,7 @@ class StoreClient:
             ) as response:
                 body = await response.read()
                 return self._answer(response, body, where)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             reason = type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {exc}"
             raise TransportError(f"could not send {where}: {reason}") from exc
 
@@ -86,7 +85,7 @@ class StoreClient:
                 body = await response.read()
                 if response.status != 200:
                     self._refused(response, body, f"a request to {self.config.url}")
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise TransportError(f"the store at {self.config.url} does not answer: {exc}") from exc
 
     def _answer(self, response: aiohttp.ClientResponse, body: bytes, where: str) -> Applied:

@@ -152,7 +152,7 @@ class Uploader:
     async def _pause(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self.stop.wait(), timeout=seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def _pause_or_stop(self, seconds: float) -> None:
