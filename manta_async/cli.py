@@ -126,6 +126,28 @@ def run(ctx: click.Context, once: bool, tables: tuple[str, ...], no_upload: bool
     sys.exit(report.exit_code)
 
 
+@main.command()
+@click.argument("tables", nargs=-1, required=True)
+@click.option("--no-upload", is_flag=True, help="Stage and queue the resend; send nothing.")
+@click.pass_context
+def resync(ctx: click.Context, tables: tuple[str, ...], no_upload: bool) -> None:
+    """Send tables again in full; the store replaces its copy of each at once.
+
+    For a store whose copy is in doubt, or after the index was moved aside. Exit codes as
+    for 'run --once'.
+
+    \b
+    Example:
+      manta-async -c shop.toml resync orders order_lines
+    """
+    config = _load(ctx)
+    names = _table_names(config, tables)
+    run_async(agent.mark_resync(config, names))
+    report = run_async(agent.run_once(config, names, drain=not no_upload))
+    _print_run(report)
+    sys.exit(report.exit_code)
+
+
 def _table_names(config: Config, tables: tuple[str, ...]) -> list[str]:
     unknown = [t for t in tables if t not in config.tables]
     if unknown:
@@ -145,7 +167,8 @@ def _print_run(report: agent.RunReport) -> None:
             continue
         s = outcome.stats
         row = [s.rows, s.inserts, s.updates, s.deletes, s.batches]
-        grid.add_row(outcome.table, *(str(v) for v in row), "ok")
+        result = "ok" if s.snapshot is None else f"sent in full ({s.snapshot})"
+        grid.add_row(outcome.table, *(str(v) for v in row), escape(result))
     out.print(grid)
     for outcome in outcomes:
         if outcome.error:
@@ -154,8 +177,8 @@ def _print_run(report: agent.RunReport) -> None:
         d = report.drain
         out.print(f"delivered {d.applied} batches ({d.duplicates} already applied)")
         if d.unreachable:
-            err.print(f"[bold red]error:[/] {escape(d.unreachable)}; the batches stay queued for the "
-                      "next run", soft_wrap=True)  # fmt: skip
+            message = f"{d.unreachable}; the batches stay queued for the next run"
+            err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
         if d.refused:
             err.print(f"[bold red]error:[/] {escape(d.refused)}", soft_wrap=True)
     if report.handed_over:
@@ -322,7 +345,8 @@ def sql(ctx: click.Context, table: str, limit: int) -> None:
     for column in columns:
         grid.add_column(f"{column.name}\n[dim]{column.type or '?'}[/]")
     for row in rows:
-        grid.add_row(*("NULL" if v is None else codec.text_value(codec.encode_value(v)) for v in row))
+        cells = ("NULL" if v is None else codec.text_value(codec.encode_value(v)) for v in row)
+        grid.add_row(*(escape(cell) for cell in cells))
     out.print(grid)
 
 

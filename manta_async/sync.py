@@ -116,6 +116,8 @@ async def sync_table(config: Config, index: Index, name: str) -> DiffStats:
         ) from exc
 
     crash_point("index-committed")
+    if stats.snapshot is not None and stats.snapshot != "first run":
+        log.warning("table %r is sent in full: %s", name, stats.snapshot)
     log.info(
         "table %r: %d rows read, %d inserts, %d updates, %d deletes in %d batches (%.2fs)",
         name, stats.rows, stats.inserts, stats.updates, stats.deletes, stats.batches,

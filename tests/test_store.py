@@ -654,3 +654,42 @@ async def test_run_store_serves_until_cancelled_and_logs_its_url(
     with pytest.raises(asyncio.CancelledError):
         await task
     assert TOKEN not in caplog.text
+
+
+async def test_snapshot_replaces_the_copy_only_at_its_last_part(
+    store: StoreServer, client: aiohttp.ClientSession
+) -> None:
+    old = make_batch(1, [["insert", [i], [i, dec("1.00")]] for i in (1, 2, 3)])
+    assert (await post(client, store, old))[0] == 200
+
+    # A snapshot restarts the sequence: its first part is taken whatever seq came before,
+    # and until its last part, readers see the old copy and the old columns.
+    wide = [*COLUMNS, {"name": "note", "type": "text"}]
+
+    def part(seq: int, ids: list[int], last: bool) -> dict[str, Any]:
+        batch = make_batch(seq, [["insert", [i], [i, dec(f"{i}.00"), "n"]] for i in ids],
+                           columns=wide)  # fmt: skip
+        batch["snapshot"] = {"part": seq, "last": last}
+        return batch
+
+    assert await post(client, store, part(1, [7, 8], False)) == (
+        200, {"status": "applied", "seq": 1})  # fmt: skip
+    assert [r[0] for r in await ndjson_rows(client, store)] == [1, 2, 3]
+    _status, listing = await get_json(client, store, f"/v1/agents/{AGENT}/tables")
+    assert len(listing["tables"][0]["columns"]) == 2
+
+    assert await post(client, store, part(2, [9], True)) == (
+        200, {"status": "applied", "seq": 2})  # fmt: skip
+    assert [r[0] for r in await ndjson_rows(client, store)] == [7, 8, 9]
+    _status, listing = await get_json(client, store, f"/v1/agents/{AGENT}/tables")
+    (table,) = listing["tables"]
+    assert (table["rows"], table["last_seq"], len(table["columns"])) == (3, 2, 3)
+
+
+async def test_snapshot_batch_with_a_delete_answers_400(
+    store: StoreServer, client: aiohttp.ClientSession
+) -> None:
+    batch = make_batch(1, [["insert", [1], [1, dec("1.00")]], ["delete", [2]]])
+    batch["snapshot"] = {"part": 1, "last": True}
+    status, body = await post(client, store, batch)
+    assert status == 400 and "snapshot batch carries inserts only" in body["error"]

@@ -18,11 +18,10 @@ import aiohttp
 import pytest
 
 from manta_async import agent
+from manta_async.diff import codec
 from manta_async.store import StoreServer
 from tests.conftest import TOKEN, MakeConfig, unique_name
-from tests.dbs import MysqlDb, PostgresDb, SqliteDb, SourceDb, decode_lines
-
-from manta_async.diff import codec
+from tests.dbs import MysqlDb, PostgresDb, SourceDb, SqliteDb, decode_lines
 
 MIXED = {
     "sqlite": """CREATE TABLE {t} (id INTEGER PRIMARY KEY, name TEXT, price TEXT, qty INTEGER,
@@ -63,7 +62,7 @@ def mixed_row(kind: str, i: int, variant: int = 0) -> tuple[Any, ...]:
             None if i % 2 else f"note {i}")  # fmt: skip
     extra: tuple[Any, ...] = (
         i % 3 == 0,
-        dt.datetime(2026, 1, 1, 12, 0, 0, i, tzinfo=dt.timezone.utc),
+        dt.datetime(2026, 1, 1, 12, 0, 0, i, tzinfo=dt.UTC),
         dt.date(2026, 1, 1) + dt.timedelta(days=i),
         uuid.UUID(int=i),
     )
@@ -189,3 +188,78 @@ async def test_store_down_keeps_batches_then_delivers_them_once(
         assert (report.drain.applied, report.drain.duplicates) == (4, 0)
         assert await store_rows(store, "items") == db.encoded_rows("SELECT * FROM items")
         assert (await store_tables(store))["items"]["last_seq"] == 4
+
+
+async def test_shape_change_sends_the_table_again_and_store_replaces_it(
+    db: SourceDb, table: str, store: StoreServer, make_config: MakeConfig
+) -> None:
+    put_rows(db, table, range(1, 41))
+    sql = f"SELECT id, name, qty FROM {table}"
+    config = make_config(store.url, db.url, {table: {"sql": sql, "key": ["id"]}}, batch_rows=15)
+    await agent.run_once(config, [table])
+
+    # A new column: the whole table goes again, and the store's columns follow.
+    wider = f"SELECT id, name, qty, note FROM {table}"
+    config = make_config(store.url, db.url, {table: {"sql": wider, "key": ["id"]}}, batch_rows=15)
+    db.execute(f"DELETE FROM {table} WHERE id > 30")
+    report = await agent.run_once(config, [table])
+
+    assert report.exit_code == agent.EXIT_OK
+    assert report.sync is not None and report.sync.tables[0].stats is not None
+    stats = report.sync.tables[0].stats
+    assert stats.snapshot == "its columns changed: new column note"
+    assert (stats.inserts, stats.updates, stats.deletes) == (30, 0, 0)
+    assert await store_rows(store, table) == db.encoded_rows(wider)
+    info = (await store_tables(store))[table]
+    assert [c["name"] for c in info["columns"]] == ["id", "name", "qty", "note"]
+    assert info["rows"] == 30
+
+    # The same shape again: back to sending changes only.
+    report = await agent.run_once(config, [table])
+    assert stats_of(report, table) == (0, 0, 0)
+
+
+async def test_key_change_and_resync_resend_in_full(
+    tmp_path: Path, store: StoreServer, make_config: MakeConfig
+) -> None:
+    db = SqliteDb(tmp_path / "source.db")
+    db.execute("CREATE TABLE t (id INTEGER, code TEXT, v TEXT)")
+    db.executemany("INSERT INTO t VALUES (?, ?, ?)", [(i, f"c{i}", "x") for i in range(12)])
+    sql = "SELECT * FROM t"
+    await agent.run_once(make_config(store.url, db.url, {"t": {"sql": sql, "key": ["id"]}}), ["t"])
+
+    by_code = make_config(store.url, db.url, {"t": {"sql": sql, "key": ["code"]}})
+    report = await agent.run_once(by_code, ["t"])
+    assert report.sync is not None and report.sync.tables[0].stats is not None
+    assert report.sync.tables[0].stats.snapshot == "its key changed from ['id'] to ['code']"
+    assert (await store_tables(store))["t"]["key"] == ["code"]
+
+    await agent.mark_resync(by_code, ["t"])
+    db.execute("DELETE FROM t")
+    report = await agent.run_once(by_code, ["t"])
+    assert report.sync is not None and report.sync.tables[0].stats is not None
+    assert report.sync.tables[0].stats.snapshot == "a resync was asked for"
+    assert report.exit_code == agent.EXIT_OK
+    assert await store_rows(store, "t") == []
+    assert (await store_tables(store))["t"]["rows"] == 0
+
+
+async def test_lost_state_directory_recovers_by_resending(
+    tmp_path: Path, store: StoreServer, make_config: MakeConfig
+) -> None:
+    import shutil
+
+    db = SqliteDb(tmp_path / "source.db")
+    db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+    db.executemany("INSERT INTO t VALUES (?, ?)", [(i, "x") for i in range(30)])
+    config = make_config(store.url, db.url, {"t": {"sql": "SELECT * FROM t", "key": ["id"]}},
+                         batch_rows=7)  # fmt: skip
+    await agent.run_once(config, ["t"])
+    await agent.run_once(config, ["t"])
+
+    shutil.rmtree(config.state_dir)
+    db.execute("DELETE FROM t WHERE id < 10")
+    report = await agent.run_once(config, ["t"])
+
+    assert report.exit_code == agent.EXIT_OK
+    assert await store_rows(store, "t") == db.encoded_rows("SELECT * FROM t")

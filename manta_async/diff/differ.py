@@ -9,6 +9,11 @@ Keys the read did not return are deletes, known only once the read is complete.
 Changes are packed into batches as they appear and staged in the outbox in the same
 transaction. Sequence numbers are given at commit time, deletes first, so a key that moved
 (id 1 becomes id 3 with the same unique value) never collides at a store that checks uniques.
+
+A table is sent in full, as a *snapshot*, on its first run, when its key or its shape (see
+shape.py) changed, and when a resync was asked for: its index starts empty, every row is an
+insert, and the batches are numbered as parts, the last of which tells the store to replace
+its copy of the table with the parts, in one transaction.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import orjson
 
 from manta_async.diff import codec
 from manta_async.diff.index import Index, TableState
+from manta_async.diff.shape import describe_change, shape_of
 from manta_async.errors import TableError
 from manta_async.extract.base import Column, Row
 
@@ -44,6 +50,8 @@ class DiffStats:
     deletes: int = 0
     batches: int = 0
     seconds: float = 0.0
+    snapshot: str | None = None
+    """Why the run sent the table in full, if it did."""
 
     @property
     def changes(self) -> int:
@@ -96,13 +104,12 @@ class TableDiff:
         self._next_seq = 0
         self._seen_again: dict[bytes, _Seen] = {}
         self._upserts = _BatchBuilder(_PHASE_UPSERT)
+        self._columns_json = [{"name": c.name, "type": c.type} for c in columns]
         self._header = orjson.dumps(
-            {
-                "format": 1,
-                "columns": [{"name": c.name, "type": c.type} for c in columns],
-                "key": key or [],
-            }
+            {"format": 1, "columns": self._columns_json, "key": key or []}
         )
+        self.snapshot: str | None = None
+        """Why this run sends the table in full (first run, new shape, ...), or None."""
 
     def _key_positions(self) -> list[int] | None:
         if self.key is None:
@@ -122,22 +129,34 @@ class TableDiff:
     # The transaction
 
     def start(self) -> None:
+        """Open the run's transaction; decide whether the table must be sent in full."""
         conn = self.index.conn
         conn.execute("BEGIN IMMEDIATE")
-        state = self.index.ensure_table(self.table, self.key)
-        if state.key != self.key:
-            conn.execute("ROLLBACK")
-            raise TableError(
-                self.table,
-                f"its key changed from {state.key} to {self.key}; the store's copy is keyed "
-                "the old way, so send the table again with 'manta-async resync "
-                f"{self.table}'",
-            )
+        state = self.index.table_state(self.table)
+        self.snapshot = self._snapshot_reason(state)
+        if self.snapshot is not None:
+            # A full resend: every row against an empty index, and the store swaps its copy
+            # for the new one when the last batch arrives.
+            state = self.index.new_slot(self.table)
+        assert state is not None, "a table the index does not know is always sent in full"
         self._state = state
         idx = state.idx_table
         self._old_max = conn.execute(f"SELECT coalesce(max(rowid), 0) FROM {idx}").fetchone()[0]
         self._old_rows = conn.execute(f"SELECT count(*) FROM {idx}").fetchone()[0]
         self._bitmap = bytearray((self._old_max >> 3) + 1)
+
+    def _snapshot_reason(self, state: TableState | None) -> str | None:
+        if state is None:
+            return "first run"
+        if state.resync:
+            return "a resync was asked for"
+        if state.key != self.key:
+            return f"its key changed from {state.key} to {self.key}"
+        old_shape = shape_of(state.columns)
+        new_shape = shape_of(self._columns_json)
+        if old_shape != new_shape:
+            return f"its columns changed: {describe_change(old_shape, new_shape)}"
+        return None
 
     def abort(self) -> None:
         """Forget this run: the index and the outbox stay exactly as before it."""
@@ -158,6 +177,7 @@ class TableDiff:
             self.abort()
             raise
         self.stats.seconds = time.monotonic() - self._started
+        self.stats.snapshot = self.snapshot
         return self.stats
 
     # Chunks
@@ -301,23 +321,33 @@ class TableDiff:
     def _number_batches(self) -> None:
         assert self._state is not None
         conn = self.index.conn
+        if self.snapshot is not None and self.stats.batches == 0:
+            # An empty table still replaces the store's copy: send one empty part.
+            self._flush(_BatchBuilder(_PHASE_UPSERT, [], 0), allow_empty=True)
         staged = conn.execute(
             "SELECT id FROM outbox WHERE tbl = ? AND seq IS NULL ORDER BY phase, id",
             (self.table,),
         ).fetchall()
         seq = self._state.next_seq
-        for (outbox_id,) in staged:
-            conn.execute("UPDATE outbox SET seq = ? WHERE id = ?", (seq, outbox_id))
+        for part, (outbox_id,) in enumerate(staged, start=1):
+            if self.snapshot is None:
+                conn.execute("UPDATE outbox SET seq = ? WHERE id = ?", (seq, outbox_id))
+            else:
+                conn.execute(
+                    "UPDATE outbox SET seq = ?, part = ?, last = ? WHERE id = ?",
+                    (seq, part, part == len(staged), outbox_id),
+                )
             seq += 1
         self._next_seq = seq
 
     def _record_table(self) -> None:
         columns = orjson.dumps([{"name": c.name, "type": c.type} for c in self.columns])
         rows = self._old_rows + self.stats.inserts - self.stats.deletes
+        key = None if self.key is None else orjson.dumps(self.key)
         self.index.conn.execute(
-            "UPDATE tables SET next_seq = ?, columns = ?, rows = ?, synced_at = ? "
-            "WHERE name = ?",
-            (self._next_seq, columns, rows, time.time(), self.table),
+            "UPDATE tables SET next_seq = ?, columns = ?, key = ?, rows = ?, synced_at = ?, "
+            "resync = 0 WHERE name = ?",
+            (self._next_seq, columns, key, rows, time.time(), self.table),
         )
 
     # Batches
@@ -338,8 +368,8 @@ class TableDiff:
         builder.changes.append(change)
         builder.size += len(change) + 1
 
-    def _flush(self, builder: _BatchBuilder) -> None:
-        if not builder.changes:
+    def _flush(self, builder: _BatchBuilder, allow_empty: bool = False) -> None:
+        if not builder.changes and not allow_empty:
             return
         changes = b"[" + b",".join(builder.changes) + b"]"
         self.index.conn.execute(

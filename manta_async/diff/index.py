@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS tables (
     columns TEXT NOT NULL DEFAULT '[]',
     key TEXT,
     rows INTEGER NOT NULL DEFAULT 0,
-    synced_at REAL
+    synced_at REAL,
+    resync INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY,
@@ -44,7 +45,9 @@ CREATE TABLE IF NOT EXISTS outbox (
     phase INTEGER NOT NULL,
     header BLOB NOT NULL,
     changes BLOB NOT NULL,
-    rows INTEGER NOT NULL
+    rows INTEGER NOT NULL,
+    part INTEGER,
+    last INTEGER
 );
 """
 
@@ -59,6 +62,7 @@ class TableState:
     columns: list[dict[str, str]]
     key: list[str] | None
     rows: int
+    resync: bool
 
     @property
     def idx_table(self) -> str:
@@ -74,10 +78,15 @@ class OutboxBatch:
     seq: int
     batch_id: str
     rows: int
+    part: int | None
+    """Set when the batch is part of a full resend of the table."""
+    last: bool | None
 
     def payload(self, agent: str, header: bytes, changes: bytes) -> bytes:
         fields = orjson.loads(header)
         fields.update(id=self.batch_id, agent=agent, table=self.table, seq=self.seq)
+        if self.part is not None:
+            fields["snapshot"] = {"part": self.part, "last": bool(self.last)}
         fields["changes"] = orjson.Fragment(changes)
         return orjson.dumps(fields)
 
@@ -136,27 +145,30 @@ class Index:
 
     def table_state(self, name: str) -> TableState | None:
         row = self.conn.execute(
-            "SELECT name, slot, next_seq, columns, key, rows FROM tables WHERE name = ?", (name,)
+            "SELECT name, slot, next_seq, columns, key, rows, resync FROM tables WHERE name = ?",
+            (name,),
         ).fetchone()
         if row is None:
             return None
         key = orjson.loads(row[4]) if row[4] is not None else None
-        return TableState(row[0], row[1], row[2], orjson.loads(row[3]), key, row[5])
+        return TableState(row[0], row[1], row[2], orjson.loads(row[3]), key, row[5], bool(row[6]))
 
     def tables(self) -> list[TableState]:
         names = [r[0] for r in self.conn.execute("SELECT name FROM tables ORDER BY name")]
         return [state for name in names if (state := self.table_state(name)) is not None]
 
-    def ensure_table(self, name: str, key: list[str] | None) -> TableState:
-        """Return the table's state, registering it (inside the open transaction) if new."""
-        state = self.table_state(name)
-        if state is not None:
-            return state
+    def new_slot(self, name: str) -> TableState:
+        """Give a table a new, empty index (inside the open transaction) and drop the old one.
+
+        Used the first time a table is seen and for every full resend of it.
+        """
+        old = self.table_state(name)
         slot = self.conn.execute("SELECT coalesce(max(slot), 0) + 1 FROM tables").fetchone()[0]
-        self.conn.execute(
-            "INSERT INTO tables (name, slot, key) VALUES (?, ?, ?)",
-            (name, slot, None if key is None else orjson.dumps(key)),
-        )
+        if old is None:
+            self.conn.execute("INSERT INTO tables (name, slot) VALUES (?, ?)", (name, slot))
+        else:
+            self.conn.execute(f"DROP TABLE {old.idx_table}")
+            self.conn.execute("UPDATE tables SET slot = ? WHERE name = ?", (slot, name))
         self.conn.execute(
             f"CREATE TABLE idx_{slot} (key BLOB NOT NULL UNIQUE, hash BLOB NOT NULL, "
             "n INTEGER NOT NULL DEFAULT 1)"
@@ -165,12 +177,17 @@ class Index:
         assert state is not None
         return state
 
+    def mark_resync(self, name: str) -> bool:
+        """Have the table's next run send it in full; False if the index does not know it."""
+        cursor = self.conn.execute("UPDATE tables SET resync = 1 WHERE name = ?", (name,))
+        return cursor.rowcount == 1
+
     # Outbox
 
     def outbox(self) -> list[OutboxBatch]:
         """Committed batches not yet queued, in the order each table must apply them."""
         rows = self.conn.execute(
-            "SELECT id, tbl, seq, batch_id, rows FROM outbox WHERE seq IS NOT NULL "
+            "SELECT id, tbl, seq, batch_id, rows, part, last FROM outbox WHERE seq IS NOT NULL "
             "ORDER BY tbl, seq"
         ).fetchall()
         return [OutboxBatch(*row) for row in rows]

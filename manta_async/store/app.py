@@ -48,6 +48,7 @@ HEALTH_PATH = "/v1/health"
 _MAX_INT = 2**63 - 1
 _HEX_HASH = re.compile(f"[0-9a-f]{{{codec.HASH_BYTES * 2}}}")
 _FIELDS = ("format", "id", "agent", "table", "seq", "columns", "key", "changes")
+_OPTIONAL_FIELDS = ("snapshot",)
 _UPSERT_OPS = ("insert", "update")
 _SHOW_CHARS = 200
 
@@ -94,6 +95,9 @@ def parse_batch(body: bytes, path_agent: str) -> Batch:
     columns = _columns(doc["columns"])
     key = _key(doc["key"], columns)
     deletes, upserts = _changes(doc["changes"], _shape(columns, key))
+    part, last = _snapshot(doc.get("snapshot"))
+    if part is not None and deletes:
+        raise BatchFormatError("a snapshot batch carries inserts only, never a delete")
     return Batch(
         id=_batch_id(doc["id"]),
         agent=agent,
@@ -103,7 +107,25 @@ def parse_batch(body: bytes, path_agent: str) -> Batch:
         key=key,
         deletes=deletes,
         upserts=upserts,
+        snapshot_part=part,
+        snapshot_last=last,
     )
+
+
+def _snapshot(value: Any) -> tuple[int | None, bool]:
+    if value is None:
+        return None, False
+    if (
+        not isinstance(value, dict)
+        or set(value) != {"part", "last"}
+        or type(value["part"]) is not int
+        or not 1 <= value["part"] <= _MAX_INT
+        or not isinstance(value["last"], bool)
+    ):
+        raise BatchFormatError(
+            f'snapshot must be {{"part": 1 or more, "last": true or false}} (got {_show(value)})'
+        )
+    return value["part"], value["last"]
 
 
 def _check_fields(doc: dict[str, Any]) -> None:
@@ -111,7 +133,7 @@ def _check_fields(doc: dict[str, Any]) -> None:
     if missing:
         raise BatchFormatError(f"missing field {_show(missing[0])}")
 
-    unknown = sorted(set(doc) - set(_FIELDS))
+    unknown = sorted(set(doc) - set(_FIELDS) - set(_OPTIONAL_FIELDS))
     if unknown:
         raise BatchFormatError(f"unknown field {_show(unknown[0])}")
 

@@ -114,6 +114,10 @@ class Batch:
     deletes: list[bytes]
     upserts: list[tuple[bytes, int, bytes]]
     """(key bytes, n, row bytes) for every insert and update."""
+    snapshot_part: int | None = None
+    """Set when the batch is part of a full resend of the table: 1, 2, ... in order."""
+    snapshot_last: bool = False
+    """True on the last part: the resent copy then replaces the table's rows at once."""
 
     @property
     def changes(self) -> int:
@@ -244,31 +248,28 @@ def _apply_in_transaction(conn: sqlite3.Connection, batch: Batch) -> Applied:
         return _count_resend(conn, batch, earlier)
 
     # Only the next batch of the table may be applied; anything else waits for the missing one.
+    # The first part of a snapshot starts the table's history afresh, whatever came before.
     found = conn.execute(
-        "SELECT last_seq FROM tables WHERE agent = ? AND name = ?", (batch.agent, batch.table)
+        "SELECT tid, last_seq, columns, key FROM tables WHERE agent = ? AND name = ?",
+        (batch.agent, batch.table),
     ).fetchone()
-    expected_seq = (found[0] if found else 0) + 1
-    if batch.seq != expected_seq:
+    expected_seq = (found[1] if found else 0) + 1
+    if batch.seq != expected_seq and batch.snapshot_part != 1:
         raise SequenceGapError(expected_seq, batch.seq)
 
+    # A snapshot part keeps the table's current shape until its last part replaces the rows.
     now = _now()
+    keeps_shape = found is not None and batch.snapshot_part is not None
+    columns = found[2] if keeps_shape else orjson.dumps(batch.columns).decode()
+    key = found[3] if keeps_shape else orjson.dumps(batch.key).decode()
     (tid,) = conn.execute(
-        _UPSERT_TABLE,
-        (
-            batch.agent,
-            batch.table,
-            batch.seq,
-            orjson.dumps(batch.columns).decode(),
-            orjson.dumps(batch.key).decode(),
-            now,
-        ),
+        _UPSERT_TABLE, (batch.agent, batch.table, batch.seq, columns, key, now)
     ).fetchone()
 
-    # Deletes first, so a row whose key moved never meets its own old copy.
-    conn.executemany(
-        "DELETE FROM rows WHERE tid = ? AND key = ?", ((tid, key) for key in batch.deletes)
-    )
-    conn.executemany(_UPSERT_ROW, ((tid, key, n, row) for key, n, row in batch.upserts))
+    if batch.snapshot_part is None:
+        _apply_changes(conn, tid, batch)
+    else:
+        _apply_snapshot_part(conn, tid, batch)
 
     conn.execute(
         "INSERT INTO batches (id, agent, tbl, seq, changes, applied_at, resent) "
@@ -276,6 +277,33 @@ def _apply_in_transaction(conn: sqlite3.Connection, batch: Batch) -> Applied:
         (batch.id, batch.agent, batch.table, batch.seq, batch.changes, now),
     )
     return Applied(seq=batch.seq, duplicate=False)
+
+
+def _apply_changes(conn: sqlite3.Connection, tid: int, batch: Batch) -> None:
+    # Deletes first, so a row whose key moved never meets its own old copy.
+    conn.executemany(
+        "DELETE FROM rows WHERE tid = ? AND key = ?", ((tid, key) for key in batch.deletes)
+    )
+    conn.executemany(_UPSERT_ROW, ((tid, key, n, row) for key, n, row in batch.upserts))
+
+
+def _apply_snapshot_part(conn: sqlite3.Connection, tid: int, batch: Batch) -> None:
+    # The resent copy grows under the negative tid, unseen by readers and by the row count,
+    # and takes the place of the live rows in the transaction of its last part.
+    staging = -tid
+    if batch.snapshot_part == 1:
+        conn.execute("DELETE FROM rows WHERE tid = ?", (staging,))
+    conn.executemany(_UPSERT_ROW, ((staging, key, n, row) for key, n, row in batch.upserts))
+    if not batch.snapshot_last:
+        return
+
+    conn.execute("DELETE FROM rows WHERE tid = ?", (tid,))
+    conn.execute("UPDATE rows SET tid = ? WHERE tid = ?", (tid, staging))
+    conn.execute(
+        "UPDATE tables SET columns = ?, key = ?, "
+        "row_count = (SELECT coalesce(sum(n), 0) FROM rows WHERE tid = ?) WHERE tid = ?",
+        (orjson.dumps(batch.columns).decode(), orjson.dumps(batch.key).decode(), tid, tid),
+    )
 
 
 def _count_resend(conn: sqlite3.Connection, batch: Batch, earlier: tuple[Any, ...]) -> Applied:
