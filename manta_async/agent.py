@@ -94,11 +94,20 @@ async def run_once(
 
 
 async def mark_resync(config: Config, tables: list[str]) -> None:
-    """Have the next run of each table send it in full; the store then replaces its copy."""
+    """Have the next run of each table send it in full; the store then replaces its copy.
+
+    The tables' batches not yet sent are dropped: the full resend carries their changes, and
+    a parked one would otherwise hold it back.
+    """
     with StateLock(config.state_dir, EXTRACT):
         async with Index(config.state_dir / "index.db") as index:
-            for table in tables:
-                await index.call(index.mark_resync, table)
+            async with BatchQueue(config.state_dir, drain=False) as queue:
+                for table in tables:
+                    await index.call(index.mark_resync, table)
+                    dropped = await queue.call(queue.drop_unsent, table)
+                    if dropped:
+                        log.info("table %r: %d unsent batches replaced by the resend", table,
+                                 dropped)  # fmt: skip
 
 
 async def drain_queue(config: Config, *, retry_for_s: float | None) -> DrainReport:

@@ -178,3 +178,20 @@ async def test_wrong_token_stops_the_drain_and_keeps_the_batch(
     report = await agent.run_once(right, ["a", "b"])
     assert report.exit_code == agent.EXIT_OK
     await assert_store_equals(store, source)
+
+
+async def test_resync_replaces_a_table_stuck_behind_a_parked_batch(
+    proxy: Proxy, store: StoreServer, source: SqliteDb, make_config: MakeConfig
+) -> None:
+    await proxy.script(["status:400"])
+    config = two_tables(make_config, proxy.url, source)
+    report = await agent.run_once(config, ["a", "b"])
+    assert report.exit_code == agent.EXIT_PARKED
+
+    source.execute("UPDATE a SET v = 'changed' WHERE id < 5")
+    await agent.mark_resync(config, ["a"])
+    report = await agent.run_once(config, ["a"])
+
+    assert report.exit_code == agent.EXIT_OK
+    assert report.counts["failed"] == 0
+    await assert_store_equals(store, source)

@@ -219,6 +219,19 @@ class BatchQueue:
         self._conn.execute("DELETE FROM manta_failures WHERE pqid = ?", (pqid,))
         return True
 
+    def drop_unsent(self, table: str) -> int:
+        """Drop the table's pending and parked batches, for a full resend that replaces them.
+
+        A batch in flight is left to its uploader. Returns how many were dropped; they are
+        acked, so nothing of them is sent and none holds the table back.
+        """
+        dropped = 0
+        for entry in self.entries():
+            if entry.table == table and entry.status in (PENDING, FAILED):
+                self._queue.ack(id=entry.pqid)
+                dropped += 1
+        return dropped
+
     def clear_acked(self, keep_latest: int = 200) -> None:
         # persist-queue writes OFFSET without LIMIT when max_delete is unset, which SQLite
         # rejects: always give a limit.
