@@ -143,6 +143,8 @@ async def serve(config: Config, *, every_s: float | None, stop: asyncio.Event) -
     drain_lock = StateLock(state_dir, DRAIN)
     drain_lock.acquire()
     try:
+        schedule = f", syncing every table every {every_s:g}s" if every_s else ""
+        log.info("serving: draining %s to %s%s", state_dir, config.store.url, schedule)
         async with BatchQueue(state_dir, drain=True) as queue:
             async with StoreClient(config.store, config.agent.name) as client:
                 uploader = Uploader(
