@@ -490,8 +490,6 @@ class _Handlers:
     async def list_tables(self, request: web.Request) -> web.Response:
         agent = request.match_info["agent"]
         tables = await self._db.tables(agent)
-        if not tables:
-            return _error(404, f"agent {_show(agent)} has no tables in this store")
         return _json({"tables": [_table_json(info) for info in tables]})
 
     async def get_batch(self, request: web.Request) -> web.Response:

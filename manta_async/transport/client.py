@@ -74,8 +74,7 @@ class StoreClient:
                 body = await response.read()
                 return self._answer(response, body, where)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            reason = type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {exc}"
-            raise TransportError(f"could not send {where}: {reason}") from exc
+            raise TransportError(f"could not send {where}: {_reason(exc)}") from exc
 
     async def health(self) -> None:
         """Raise TransportError or RejectedError unless the store answers and takes the token."""
@@ -86,7 +85,9 @@ class StoreClient:
                 if response.status != 200:
                     self._refused(response, body, f"a request to {self.config.url}")
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise TransportError(f"the store at {self.config.url} does not answer: {exc}") from exc
+            raise TransportError(
+                f"the store at {self.config.url} does not answer: {_reason(exc)}"
+            ) from exc
 
     def _answer(self, response: aiohttp.ClientResponse, body: bytes, where: str) -> Applied:
         if response.status == 200:
@@ -116,6 +117,12 @@ class StoreClient:
                 fatal=True,
             )
         raise RejectedError(f"the store refused {where} with {status}: {detail}", status, False)
+
+
+def _reason(exc: BaseException) -> str:
+    # aiohttp's timeouts carry no message: the class name is the reason.
+    name = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
+    return f"{name}: {exc}" if str(exc) else name
 
 
 def _error_text(body: bytes) -> str:
