@@ -199,4 +199,11 @@ class Index:
         return batch.payload(agent, header, changes)
 
     def outbox_done(self, batch: OutboxBatch) -> None:
-        self.conn.execute("DELETE FROM outbox WHERE id = ?", (batch.id,))
+        try:
+            self.conn.execute("DELETE FROM outbox WHERE id = ?", (batch.id,))
+        except sqlite3.OperationalError as exc:
+            raise StateError(
+                f"cannot write the index {self.path} ({exc}) after batch {batch.seq} of table "
+                f"{batch.table!r} was queued; the next run queues it again and the store "
+                "ignores the copy. If the disk is full, free space and run again"
+            ) from exc
