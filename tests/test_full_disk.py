@@ -19,6 +19,7 @@ import pytest
 from manta_async import agent
 from manta_async.diff.index import Index
 from manta_async.errors import MantaError
+from manta_async.queue.batchqueue import _DurableAckQueue
 from manta_async.store import StoreServer
 from tests.conftest import MakeConfig
 from tests.dbs import SqliteDb
@@ -76,4 +77,28 @@ async def test_full_disk_after_a_batch_was_queued_is_one_error_and_loses_nothing
     # Space is back: the batch is put again, and the store takes it once.
     report = await agent.run_once(config, ["items"])
     assert report.exit_code == agent.EXIT_OK
+    assert await store_rows(store, "items") == source.encoded_rows(SQL)
+
+
+async def test_full_disk_when_acking_a_delivered_batch_is_one_error_and_sends_it_once(
+    source: SqliteDb, store: StoreServer, make_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(store.url, source.url, {"items": {"sql": SQL, "key": ["id"]}},
+                         batch_rows=10)  # fmt: skip
+
+    # The store applied the batch; the queue cannot record it.
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_DurableAckQueue, "ack", full)
+        with pytest.raises(MantaError) as raised:
+            await agent.run_once(config, ["items"])
+    message = str(raised.value)
+    assert "queue" in message and "disk is full" in message and "free space" in message
+
+    # Space is back: the batch is sent again, and the store answers that it has it.
+    report = await agent.run_once(config, ["items"])
+    assert report.exit_code == agent.EXIT_OK
+    assert report.drain is not None and report.drain.duplicates == 1
     assert await store_rows(store, "items") == source.encoded_rows(SQL)

@@ -124,7 +124,20 @@ class BatchQueue:
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking queue method on the queue's thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._converting, fn, *args)
+
+    def _converting(self, fn: Callable[..., T], *args: Any) -> T:
+        # A full disk can fail any write (take, ack, park); each leaves the batch in a state
+        # the next run resumes from, so the user needs one line, not a traceback.
+        try:
+            return fn(*args)
+        except sqlite3.OperationalError as exc:
+            raise QueueError(
+                f"cannot write to the queue {self.path / 'data.db'} ({exc}); no batch is lost, "
+                "the next run resumes where this one stopped. If the disk is full, free space "
+                "and run again"
+            ) from exc
 
     def _open(self) -> None:
         try:
@@ -172,7 +185,10 @@ class BatchQueue:
         try:
             pqid: int = self._queue.put(orjson.Fragment(payload))
         except sqlite3.OperationalError as exc:
-            raise QueueError(f"cannot write to the queue {self.path}: {exc}") from exc
+            raise QueueError(
+                f"cannot write to the queue {self.path} ({exc}); the batch stays in the index's "
+                "outbox and the next run queues it. If the disk is full, free space and run again"
+            ) from exc
         return pqid
 
     # Draining
