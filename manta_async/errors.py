@@ -86,3 +86,15 @@ class RejectedError(UploadError):
 
 class StoreError(MantaError):
     """The receiving store could not apply or serve a batch."""
+
+
+def is_damage(exc: BaseException) -> bool:
+    """True when SQLite found a file not to be a sound database, rather than full or busy.
+
+    Errors raised by SQLite carry their result code; one raised by hand (a failed
+    quick_check) has none and is damage.
+    """
+    import sqlite3
+
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is None or code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)

@@ -102,3 +102,61 @@ async def test_full_disk_when_acking_a_delivered_batch_is_one_error_and_sends_it
     assert report.exit_code == agent.EXIT_OK
     assert report.drain is not None and report.drain.duplicates == 1
     assert await store_rows(store, "items") == source.encoded_rows(SQL)
+
+
+def full_error() -> sqlite3.OperationalError:
+    exc = sqlite3.OperationalError("database or disk is full")
+    exc.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+    return exc
+
+
+async def test_full_disk_when_opening_the_index_is_not_called_damage(
+    source: SqliteDb, store: StoreServer, make_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(store.url, source.url, {"items": {"sql": SQL, "key": ["id"]}})
+    real_connect = sqlite3.connect
+
+    def connect(path: Any, *args: Any, **kwargs: Any) -> Any:
+        conn = real_connect(path, *args, **kwargs)
+        if str(path).endswith("index.db"):
+            conn.close()
+            raise full_error()
+        return conn
+
+    # Moving a sound index aside would throw away what was sent: the message must not say so.
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite3, "connect", connect)
+        with pytest.raises(MantaError) as raised:
+            await agent.run_once(config, ["items"])
+    message = str(raised.value)
+    assert "disk is full" in message and "free space" in message
+    assert "damaged" not in message and "move" not in message
+
+    assert (await agent.run_once(config, ["items"])).exit_code == agent.EXIT_OK
+
+
+async def test_full_disk_when_opening_the_queue_is_not_called_damage(
+    source: SqliteDb, store: StoreServer, make_config: MakeConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = make_config(store.url, source.url, {"items": {"sql": SQL, "key": ["id"]}})
+    real_connect = sqlite3.connect
+
+    class FullOnCreate(_FullOn):
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            if sql.startswith("CREATE TABLE IF NOT EXISTS manta_failures"):
+                raise full_error()
+            return self._conn.execute(sql, *args)
+
+    def connect(path: Any, *args: Any, **kwargs: Any) -> Any:
+        conn = real_connect(path, *args, **kwargs)
+        return FullOnCreate(conn, "") if str(path).endswith("data.db") else conn
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite3, "connect", connect)
+        with pytest.raises(MantaError) as raised:
+            await agent.run_once(config, ["items"])
+    message = str(raised.value)
+    assert "disk is full" in message and "free space" in message
+    assert "damaged" not in message and "move" not in message
+
+    assert (await agent.run_once(config, ["items"])).exit_code == agent.EXIT_OK

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from manta_async.errors import StateError
+from manta_async.errors import StateError, is_damage
 
 T = TypeVar("T")
 
@@ -130,6 +130,11 @@ class Index:
                 raise sqlite3.DatabaseError(result)
             conn.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
+            if not is_damage(exc):
+                raise StateError(
+                    f"cannot open the index {self.path} ({exc}); nothing was changed. If the "
+                    "disk is full, free space and run again"
+                ) from exc
             raise StateError(
                 f"the index {self.path} is damaged ({exc}); move it aside and run "
                 "'manta-async resync' for every table to rebuild it from the sources"

@@ -32,7 +32,7 @@ import orjson
 from persistqueue import SQLiteAckQueue
 from persistqueue.sqlackqueue import AckStatus
 
-from manta_async.errors import QueueError, StateError
+from manta_async.errors import QueueError, StateError, is_damage
 
 T = TypeVar("T")
 
@@ -159,6 +159,11 @@ class BatchQueue:
             if check != "ok":
                 raise sqlite3.DatabaseError(check)
         except sqlite3.DatabaseError as exc:
+            if not is_damage(exc):
+                raise StateError(
+                    f"cannot open the queue {self.path / 'data.db'} ({exc}); nothing was "
+                    "changed. If the disk is full, free space and run again"
+                ) from exc
             raise StateError(
                 f"the queue {self.path / 'data.db'} is damaged ({exc}); move the folder "
                 f"{self.path} aside and run 'manta-async resync' for every table"
