@@ -23,10 +23,21 @@ _NAME_RULE = "must start with a letter or '_' and hold only letters, digits, _ -
 SCHEMES = ("postgresql", "postgres", "mysql", "mariadb", "sqlite")
 
 PositiveInt = Annotated[int, Field(gt=0)]
+Share = Annotated[float, Field(ge=0, le=1)]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def mask_url(url: str) -> str:
+    """Return `url` with its password replaced by ***, fit for messages and logs."""
+    parts = urlsplit(url)
+    userinfo, at, hostinfo = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return parts._replace(netloc=f"{user}:***@{hostinfo}").geturl()
 
 
 def _check_name(name: str) -> str:
@@ -43,6 +54,9 @@ class AgentConfig(_Section):
     batch_bytes: PositiveInt = 4 * 1024 * 1024
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    max_delete_share: Share = 0.5
+    """A table's run that would delete more than this share of its rows stops and asks for
+    `run --once --allow-mass-delete`; 1 turns the guard off. Per table under [tables.X]."""
 
     @field_validator("name")
     @classmethod
@@ -90,6 +104,8 @@ class TableConfig(_Section):
     sql: Annotated[str, Field(min_length=1)]
     key: list[str] | None = None
     """Key columns. Without them the whole row is its identity and duplicates are counted."""
+    max_delete_share: Share | None = None
+    """Overrides [agent] max_delete_share for this table."""
 
     @field_validator("key")
     @classmethod
@@ -129,6 +145,11 @@ class Config(_Section):
     def source_for(self, table: str) -> SourceConfig:
         return self.sources[self.tables[table].source]
 
+    def max_delete_share(self, table: str) -> float:
+        """The share of its rows a run of `table` may delete without confirmation."""
+        own = self.tables[table].max_delete_share
+        return self.agent.max_delete_share if own is None else own
+
 
 def _expand(value: Any, where: str, path: Path) -> Any:
     if isinstance(value, dict):
@@ -159,7 +180,10 @@ def _describe(error: ValidationError, path: Path, raw: dict[str, Any]) -> str:
             message = "unknown key; check its spelling"
         elif item["type"] == "missing":
             message = "is required"
-        shown = "" if item["type"] == "missing" else f" (got {item['input']!r})"
+        value = item["input"]
+        if isinstance(value, str) and item["loc"] and item["loc"][-1] == "url":
+            value = mask_url(value)
+        shown = "" if item["type"] == "missing" else f" (got {value!r})"
         if item["type"] == "extra_forbidden":
             shown = ""
         lines.append(f"{path}: {where}: {message}{shown}")

@@ -39,7 +39,8 @@ async def test_check_sql_and_queue_on_a_config(
 ) -> None:
     db = SqliteDb(tmp_path / "source.db")
     db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, price TEXT, photo BLOB)")
-    db.executemany("INSERT INTO t VALUES (?, ?, ?)", [(i, f"{i}.50", b"\x00\xff") for i in range(9)])
+    rows = [(i, f"{i}.50", b"\x00\xff") for i in range(9)]
+    db.executemany("INSERT INTO t VALUES (?, ?, ?)", rows)
     config = make_config(store.url, db.url, {"t": {"sql": "SELECT * FROM t", "key": ["id"]}})
     path = str(config.path)
 

@@ -68,3 +68,11 @@ def test_missing_environment_variable_is_named(monkeypatch: pytest.MonkeyPatch) 
 def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such config file; pass one with --config"):
         load_config(tmp_path / "absent.toml")
+
+
+def test_bad_source_url_is_shown_without_its_password() -> None:
+    text = GOOD.replace("sqlite:///shop.db", "oracle://app:hunter2@db:1521/shop")
+    with pytest.raises(ConfigError) as failure:
+        parse_config(text.replace("${TEST_MANTA_TOKEN}", "t"), Path("x.toml"))
+    assert "oracle://app:***@db:1521/shop" in str(failure.value)
+    assert "hunter2" not in str(failure.value)

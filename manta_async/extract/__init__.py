@@ -16,21 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import SplitResult, unquote, urlsplit
 
-from manta_async.config import SourceConfig
+from manta_async.config import SourceConfig, mask_url
 from manta_async.errors import SourceError
 from manta_async.extract.base import Column, Result, Row, Source
 
 __all__ = ["Column", "Origin", "Result", "Row", "ServerUrl", "Source", "connect", "mask_url"]
-
-
-def mask_url(url: str) -> str:
-    """Return `url` with its password replaced by ***, fit for messages and logs."""
-    parts = urlsplit(url)
-    userinfo, at, hostinfo = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.split(":", 1)[0]
-    return parts._replace(netloc=f"{user}:***@{hostinfo}").geturl()
 
 
 @dataclass(frozen=True)
