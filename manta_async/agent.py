@@ -62,7 +62,12 @@ class RunReport:
 
 
 async def run_once(
-    config: Config, tables: list[str], *, drain: bool = True, wait_s: float | None = None
+    config: Config,
+    tables: list[str],
+    *,
+    drain: bool = True,
+    wait_s: float | None = None,
+    allow_mass_delete: bool = False,
 ) -> RunReport:
     """Sync the named tables once, then deliver what waits in the queue."""
     state_dir = config.state_dir
@@ -72,7 +77,9 @@ async def run_once(
     with StateLock(state_dir, EXTRACT):
         async with Index(state_dir / "index.db") as index:
             async with BatchQueue(state_dir, drain=False) as queue:
-                report.sync = await sync_tables(config, index, queue, tables)
+                report.sync = await sync_tables(
+                    config, index, queue, tables, allow_mass_delete=allow_mass_delete
+                )
 
     if not drain:
         report.counts = await queue_counts(config)

@@ -104,8 +104,16 @@ def main(ctx: click.Context, config_path: Path, log_level: str | None) -> None:
 @click.option("--once", is_flag=True, help="Run once and exit (the form for cron).")
 @click.option("--table", "tables", multiple=True, help="Only this table (repeatable).")
 @click.option("--no-upload", is_flag=True, help="Stage and queue the changes; send nothing.")
+@click.option("--allow-mass-delete", is_flag=True,
+              help="Let tables delete more than max_delete_share of their rows.")  # fmt: skip
 @click.pass_context
-def run(ctx: click.Context, once: bool, tables: tuple[str, ...], no_upload: bool) -> None:
+def run(
+    ctx: click.Context,
+    once: bool,
+    tables: tuple[str, ...],
+    no_upload: bool,
+    allow_mass_delete: bool,
+) -> None:
     """Read every table, queue what changed, and deliver the queue to the store.
 
     \b
@@ -116,12 +124,20 @@ def run(ctx: click.Context, once: bool, tables: tuple[str, ...], no_upload: bool
     \b
     Example (crontab):
       */15 * * * *  manta-async -c /etc/manta/shop.toml run --once
+
+    \b
+    A table whose run would delete more than max_delete_share of its rows (default half)
+    is held back with exit 5; confirm once the rows are really gone:
+      manta-async -c shop.toml run --once --allow-mass-delete --table orders
     """
     if not once:
         fail("'run' needs --once; for a continuous agent use 'manta-async serve --every 1h'", 2)
     config = _load(ctx)
     names = _table_names(config, tables)
-    report = run_async(agent.run_once(config, names, drain=not no_upload))
+    run_report = agent.run_once(
+        config, names, drain=not no_upload, allow_mass_delete=allow_mass_delete
+    )
+    report = run_async(run_report)
     _print_run(report)
     sys.exit(report.exit_code)
 

@@ -62,13 +62,23 @@ async def flush_outbox(index: Index, queue: BatchQueue, agent: str) -> list[int]
         crash_point("queued")
         await index.call(index.outbox_done, batch)
         queued.append(pqid)
+    if queued:
+        await index.call(index.release_space)
     return queued
 
 
 async def sync_tables(
-    config: Config, index: Index, queue: BatchQueue, names: list[str]
+    config: Config,
+    index: Index,
+    queue: BatchQueue,
+    names: list[str],
+    *,
+    allow_mass_delete: bool = False,
 ) -> SyncResult:
-    """Run every named table once; a failing table does not stop the others."""
+    """Run every named table once; a failing table does not stop the others.
+
+    `allow_mass_delete` lets a run delete more than the table's max_delete_share.
+    """
     result = SyncResult()
 
     # A crashed run may have committed batches it never queued: they go first.
@@ -77,7 +87,7 @@ async def sync_tables(
     for name in names:
         outcome = TableOutcome(name)
         try:
-            outcome.stats = await sync_table(config, index, name)
+            outcome.stats = await sync_table(config, index, name, allow_mass_delete)
         except (TableError, SourceError) as exc:
             outcome.error = str(exc)
             log.error("%s", exc)
@@ -86,7 +96,9 @@ async def sync_tables(
     return result
 
 
-async def sync_table(config: Config, index: Index, name: str) -> DiffStats:
+async def sync_table(
+    config: Config, index: Index, name: str, allow_mass_delete: bool = False
+) -> DiffStats:
     """Read, diff and stage one table; raise TableError or SourceError if it was abandoned."""
     table = config.tables[name]
     source_config = config.source_for(name)
@@ -100,6 +112,7 @@ async def sync_table(config: Config, index: Index, name: str) -> DiffStats:
                     result.columns,
                     config.agent.batch_rows,
                     config.agent.batch_bytes,
+                    max_delete_share=None if allow_mass_delete else config.max_delete_share(name),
                 )
                 await index.call(diff.start)
                 stats = await _diff_all(index, diff, result.chunks())

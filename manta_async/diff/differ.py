@@ -38,6 +38,8 @@ _UPDATE = b'["update",'
 _DELETE = b'["delete",'
 _PHASE_DELETE = 0
 _PHASE_UPSERT = 1
+MASS_DELETE_MIN_ROWS = 10
+"""Tables with fewer rows before the run are never held back by max_delete_share."""
 
 
 @dataclass
@@ -86,8 +88,12 @@ class TableDiff:
         columns: list[Column],
         batch_rows: int,
         batch_bytes: int,
+        *,
+        max_delete_share: float | None = None,
     ) -> None:
         self.index = index
+        self.max_delete_share = max_delete_share
+        """Refuse a run deleting more than this share of the table's rows; None: never."""
         self.table = table
         self.key = key
         self.columns = columns
@@ -302,6 +308,7 @@ class TableDiff:
     def _stage_deletes(self) -> None:
         if self._matched == self._old_rows:
             return
+        self._check_delete_share(self._old_rows - self._matched)
         conn = self.index.conn
         builder = _BatchBuilder(_PHASE_DELETE)
         gone: list[tuple[int]] = []
@@ -317,6 +324,21 @@ class TableDiff:
             self.stats.deletes += 1
         conn.executemany(f"DELETE FROM {self._idx} WHERE rowid = ?", gone)
         self._flush(builder)
+
+    def _check_delete_share(self, deletes: int) -> None:
+        # A source that suddenly returns few rows (a wrong view, a table being reloaded) would
+        # empty the store's copy: such a run waits for a confirmation.
+        share = self.max_delete_share
+        rows = self._old_rows
+        if share is None or rows < MASS_DELETE_MIN_ROWS or deletes <= share * rows:
+            return
+        raise TableError(
+            self.table,
+            f"this run would delete {deletes} of its {rows} rows ({deletes / rows:.0%}), more "
+            f"than max_delete_share = {share:g}; nothing was sent. If the rows are really "
+            f"gone, run 'manta-async run --once --allow-mass-delete --table {self.table}' "
+            f"or raise max_delete_share under [tables.{self.table}]",
+        )
 
     def _number_batches(self) -> None:
         assert self._state is not None
