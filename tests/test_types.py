@@ -12,6 +12,7 @@ TIMESTAMP across time zones, binary strings.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 import sqlite3
 from decimal import Decimal
@@ -274,3 +275,45 @@ async def test_decimals_keep_every_digit_and_never_an_exponent(
         assert_cells(["id", "d38", "d"], await store_values(store, t), source)
     finally:
         run_sql(server, f"DROP TABLE {t}")
+
+
+# --- JSON -----------------------------------------------------------------------------------
+
+
+async def test_json_is_compared_by_content_not_spelling(
+    pg_url: str, store: StoreServer, make_config: MakeConfig
+) -> None:
+    db = PostgresDb(pg_url)
+    t = unique_name("docs")
+    run_sql(db, f"CREATE TABLE {t} (id int PRIMARY KEY, doc json)")
+    try:
+        docs = ['{"b":2,"a":1}', "[1,2]", '{"n": 1.50, "big": 123456789012345678901234567890}']
+        db.executemany(f"INSERT INTO {t} VALUES ($1, $2)", list(enumerate(docs, start=1)))
+        run_sql(db, f"INSERT INTO {t} VALUES (4, NULL), (5, '\"naïve 🍰\"')")
+        config = make_config(store.url, db.url, {
+            t: keyed(f"SELECT * FROM {t}"), "bag": keyless(f"SELECT doc FROM {t}"),
+        })  # fmt: skip
+        assert await run(config, t, "bag") == {t: (5, 0, 0), "bag": (5, 0, 0)}
+
+        # The wire carries the database's text; decoded, it is the document, to the digit.
+        source = await pg_rows(db.url, f"SELECT * FROM {t} ORDER BY id")
+        wire = await store_wire(store, t)
+        assert [row[1] for row in wire] == [None if d is None else {"$json": d} for _, d in source]
+        expected = [
+            (i, None if d is None else json.loads(d, parse_float=Decimal)) for i, d in source
+        ]
+        assert_cells(["id", "doc"], await store_values(store, t), expected)
+
+        # The same document with its keys in another order, then as jsonb: no change at all.
+        run_sql(db, f"""UPDATE {t} SET doc = '{{"a":1, "b":2}}' WHERE id = 1""")
+        assert await run(config, t, "bag") == {t: (0, 0, 0), "bag": (0, 0, 0)}
+        run_sql(db, f"ALTER TABLE {t} ALTER COLUMN doc TYPE jsonb")
+        assert await run(config, t, "bag") == {t: (0, 0, 0), "bag": (0, 0, 0)}
+        assert await store_wire(store, t) == wire
+
+        # The order of an array's items is part of the document.
+        run_sql(db, f"UPDATE {t} SET doc = '[2,1]' WHERE id = 2")
+        assert await run(config, t, "bag") == {t: (0, 1, 0), "bag": (1, 0, 1)}
+        assert (await store_wire(store, t))[1] == [2, {"$json": "[2, 1]"}]
+    finally:
+        run_sql(db, f"DROP TABLE {t}")

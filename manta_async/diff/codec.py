@@ -15,13 +15,15 @@ one-key object whose key names its kind and whose value is text:
     timedelta              {"$interval": "-86399999999"}   total microseconds
     UUID                   {"$uuid": "0b5c...-..."}
     IP address / network   {"$inet": "10.0.0.0/8"}
+    JsonText (json, jsonb) {"$json": "{\\"b\\": 2, \\"a\\": 1}"}  the database's text
     dict (parsed JSON)     {"$json": "{\\"a\\":1}"}  keys sorted
     list / tuple           [ ...wire values... ]     (PostgreSQL arrays)
 
 The row hash is BLAKE2b-128 of the orjson encoding of the wire row's *identity form*; a key is
 the orjson encoding of the identity form of its columns' wire values, so 1 and '1' are
 different keys. The identity form is the wire form with each decimal's text normalized
-(1.10 and 1.1000 are one value): the wire keeps the source's text, identity follows the value.
+(1.10 and 1.1000 are one value) and each JSON document's text reduced to its content (keys
+sorted): the wire keeps the source's text, identity follows the value.
 See docs/encoding.md for the whole contract.
 """
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import ipaddress
+import json
 import math
 import uuid
 from collections.abc import Callable, Sequence
@@ -47,6 +50,11 @@ _INT_MAX = 2**64 - 1
 
 Wire = Any
 """A JSON-compatible value as defined in the module docstring."""
+
+
+class JsonText(str):
+    """A JSON document as the database's text: it travels as that text, tagged "$json", and
+    its identity is its content (see `identity_form`)."""
 
 
 def _int(value: int) -> Wire:
@@ -103,6 +111,10 @@ def _json(value: dict[str, Any]) -> Wire:
     return {"$json": orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()}
 
 
+def _json_text(value: JsonText) -> Wire:
+    return {"$json": str(value)}
+
+
 def _array(value: Sequence[Any]) -> Wire:
     return [encode_value(item) for item in value]
 
@@ -126,6 +138,7 @@ _ENCODERS: dict[type, Callable[[Any], Wire]] = {
     ipaddress.IPv4Interface: _inet,
     ipaddress.IPv6Interface: _inet,
     dict: _json,
+    JsonText: _json_text,
     list: _array,
     tuple: _array,
 }
@@ -173,10 +186,40 @@ def _plain_decimal(text: str) -> str:
     return "0" if text == "-0" else text
 
 
+def _json_number(text: str) -> orjson.Fragment:
+    # Digits and exponent with the trailing zeros dropped: 1.50, 1.5 and 15e-1 are one text,
+    # and 1e999999 is not written out in full.
+    sign, digits, exponent = Decimal(text).as_tuple()
+    assert isinstance(exponent, int), "JSON has no NaN or Infinity"
+    while len(digits) > 1 and digits[-1] == 0:
+        digits, exponent = digits[:-1], exponent + 1
+    if digits == (0,):
+        return orjson.Fragment("0")
+    body = "-" * sign + "".join(map(str, digits))
+    return orjson.Fragment(f"{body}e{exponent}" if exponent else body)
+
+
+def _no_constant(text: str) -> None:
+    raise ValueError(f"{text} is not JSON")
+
+
+def _json_content(text: str) -> str:
+    # Keys sorted, no spaces, every number by its value (parsed from its text, so no
+    # float rounds two documents into one). Text that is not JSON is its own form.
+    try:
+        document = json.loads(
+            text, parse_float=_json_number, parse_int=_json_number, parse_constant=_no_constant
+        )
+        return orjson.dumps(document, option=orjson.OPT_SORT_KEYS).decode()
+    except (ValueError, TypeError, RecursionError):
+        return text
+
+
 # Wire values whose text may change while their value does not: a decimal column widened from
-# numeric(10,2) to numeric(12,4) turns 1.10 into 1.1000. The row hash and the key bytes compare
-# them in a normal form; the wire keeps the source's text.
-_NORMAL_FORMS: dict[str, Callable[[str], str]] = {"$dec": _plain_decimal}
+# numeric(10,2) to numeric(12,4) turns 1.10 into 1.1000, and a JSON document may be written
+# with its keys in another order or converted from json to jsonb. The row hash and the key
+# bytes compare them in a normal form; the wire keeps the source's text.
+_NORMAL_FORMS: dict[str, Callable[[str], str]] = {"$dec": _plain_decimal, "$json": _json_content}
 _NORMAL_MARKS = tuple(f'{{"{tag}":'.encode() for tag in _NORMAL_FORMS)
 
 
@@ -235,7 +278,7 @@ _DECODERS: dict[str, Callable[[str], Any]] = {
     "$inet": lambda text: (
         ipaddress.ip_interface(text) if "/" in text else ipaddress.ip_address(text)
     ),
-    "$json": orjson.loads,
+    "$json": lambda text: json.loads(text, parse_float=Decimal),
 }
 
 

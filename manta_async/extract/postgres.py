@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from manta_async.config import SourceConfig
+from manta_async.diff import codec
 from manta_async.errors import SourceError
 from manta_async.extract import Origin, ServerUrl
 from manta_async.extract.base import Column, Row
@@ -55,6 +56,17 @@ def _convert_error(exc: BaseException, url: ServerUrl, origin: Origin) -> Source
     return origin.error("cannot open", detail, f"check url in {origin.section}")
 
 
+async def _use_exact_codecs(conn: asyncpg.Connection) -> None:
+    """Decode the types whose default Python value would lose what the database holds.
+
+    json and jsonb come back as the server's text, marked as JSON so that the codec compares
+    documents by content: by default they are plain strings, and a document rewritten with its
+    keys in another order would look changed.
+    """
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, schema="pg_catalog", encoder=str, decoder=codec.JsonText)
+
+
 class PostgresSource:
     """One connection to a PostgreSQL database; reads run one after another."""
 
@@ -71,7 +83,7 @@ class PostgresSource:
             return
 
         try:
-            self._conn = await asyncpg.connect(
+            conn = await asyncpg.connect(
                 host=self._url.host,
                 port=self._url.port,
                 user=self._url.user,
@@ -85,6 +97,12 @@ class PostgresSource:
         except (*_LOST, asyncpg.PostgresError) as exc:
             raise _convert_error(exc, self._url, self._origin) from exc
 
+        try:
+            await _use_exact_codecs(conn)
+        except (*_LOST, asyncpg.PostgresError) as exc:
+            conn.terminate()
+            raise _convert_error(exc, self._url, self._origin) from exc
+        self._conn = conn
         logger.debug("connected to %s", self._origin.masked)
 
     @asynccontextmanager
