@@ -102,7 +102,7 @@ async def test_run_once_beside_serve_hands_its_batches_over(
     assert b"serving: draining" in first_line
     try:
         # serve holds the drain lock: run --once stages, then waits for serve to deliver.
-        for change in ("INSERT INTO items VALUES (100, 'from cron')", "DELETE FROM items"):
+        for change in ("INSERT INTO items VALUES (100, 'from cron')", "DELETE FROM items WHERE id > 30"):
             source.execute(change)
             report = await agent.run_once(config, ["items"])
             assert report.handed_over

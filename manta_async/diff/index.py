@@ -121,6 +121,8 @@ class Index:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+            # Set before the first table exists: lets the outbox give back its pages.
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit is on disk before it returns, so power loss cannot undo it.
             conn.execute("PRAGMA synchronous=FULL")
@@ -212,3 +214,9 @@ class Index:
                 f"{batch.table!r} was queued; the next run queues it again and the store "
                 "ignores the copy. If the disk is full, free space and run again"
             ) from exc
+
+    def release_space(self) -> None:
+        """Give the pages of the emptied outbox back to the file system."""
+        # The pragma frees one page per step; executescript steps it to its end, where
+        # execute would stop after the first page.
+        self.conn.executescript("PRAGMA incremental_vacuum;")

@@ -141,6 +141,7 @@ class BatchQueue:
 
     def _open(self) -> None:
         try:
+            self._create_file()
             self._queue = _DurableAckQueue(
                 str(self.path),
                 auto_resume=self.drain,
@@ -168,6 +169,20 @@ class BatchQueue:
                 f"the queue {self.path / 'data.db'} is damaged ({exc}); move the folder "
                 f"{self.path} aside and run 'manta-async resync' for every table"
             ) from exc
+
+    def _create_file(self) -> None:
+        # auto_vacuum can only be chosen before a file has its first table, so the file is
+        # made here before persist-queue opens it: cleared batches then give back their pages.
+        data = self.path / "data.db"
+        if data.exists():
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(data)
+        try:
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            conn.execute("VACUUM")
+        finally:
+            conn.close()
 
     def _close(self) -> None:
         if self._queue is not None:
@@ -253,10 +268,13 @@ class BatchQueue:
                 dropped += 1
         return dropped
 
-    def clear_acked(self, keep_latest: int = 200) -> None:
+    def clear_acked(self, keep_latest: int = 20) -> None:
+        """Delete the acked batches but the latest few, and give their space back."""
         # persist-queue writes OFFSET without LIMIT when max_delete is unset, which SQLite
         # rejects: always give a limit.
         self._queue.clear_acked_data(max_delete=1_000_000, keep_latest=keep_latest)
+        # The pragma frees one page per step: executescript steps it to its end.
+        self._conn.executescript("PRAGMA incremental_vacuum;")
 
     # Looking
 
