@@ -55,6 +55,13 @@ class SqliteDb:
         return "?"
 
 
+_PG_TEXT_TYPES = [
+    ("json", codec.JsonText),
+    ("jsonb", codec.JsonText),
+    ("interval", codec.IntervalText),
+]
+
+
 class PostgresDb:
     kind = "postgres"
 
@@ -81,7 +88,10 @@ class PostgresDb:
 
     def encoded_rows(self, sql: str) -> list[bytes]:
         async def fetch(conn: Any) -> list[bytes]:
-            await conn.execute("SET TimeZone = 'UTC'")
+            # Read as the extractor reads: JSON and intervals as the server's text, marked.
+            await conn.execute("SET TimeZone = 'UTC'; SET IntervalStyle = 'postgres'")
+            for name, kind in _PG_TEXT_TYPES:
+                await conn.set_type_codec(name, schema="pg_catalog", encoder=str, decoder=kind)
             rows = await conn.fetch(sql)
             return sorted(codec.dumps(codec.encode_row(tuple(r))) for r in rows)
 

@@ -317,3 +317,72 @@ async def test_json_is_compared_by_content_not_spelling(
         assert (await store_wire(store, t))[1] == [2, {"$json": "[2, 1]"}]
     finally:
         run_sql(db, f"DROP TABLE {t}")
+
+
+# --- intervals ------------------------------------------------------------------------------
+
+
+def interval_parts(value: Any) -> Any:
+    """An interval as (months, days, µs), the parts PostgreSQL keeps; NULL stays None."""
+    if isinstance(value, dt.timedelta):
+        return (0, 0, value // dt.timedelta(microseconds=1))
+    return None if value is None else tuple(value)
+
+
+async def test_postgres_intervals_keep_months_days_and_time_apart(
+    pg_url: str, store: StoreServer, make_config: MakeConfig
+) -> None:
+    db = PostgresDb(pg_url)
+    t = unique_name("spans")
+    spans = ["1 mon", "30 days", "1 day", "24 hours", "1 year 2 mons -3 days 04:05:06.789",
+             "-838:59:59.000001", "0", "-1 days +02:00:00"]  # fmt: skip
+    run_sql(db, f"CREATE TABLE {t} (id int PRIMARY KEY, span interval, spans interval[])")
+    try:
+        values = ", ".join(
+            f"({i}, '{s}', ARRAY['{s}', NULL]::interval[])" for i, s in enumerate(spans)
+        )
+        run_sql(db, f"INSERT INTO {t} VALUES {values}, (99, NULL, NULL)")
+        config = make_config(store.url, db.url, {t: keyed(f"SELECT * FROM {t}")})
+        assert await run(config, t) == {t: (9, 0, 0)}
+
+        # Each travels as PostgreSQL's own text and decodes to its three parts.
+        texts = await pg_rows(db.url, f"SELECT id, span::text FROM {t} ORDER BY id")
+        wire = await store_wire(store, t)
+        assert [row[1] for row in wire] == [text and {"$interval": text} for _, text in texts]
+        source = await pg_rows(db.url, f"SELECT * FROM {t} ORDER BY id")
+        stored = [
+            (i, interval_parts(span), spans and [interval_parts(s) for s in spans])
+            for i, span, spans in await store_values(store, t)
+        ]
+        assert stored == source
+        assert len({row[1] for row in stored}) == len(stored)
+
+        # Unchanged: nothing to send. A month that becomes 30 days is a change.
+        assert await run(config, t) == {t: (0, 0, 0)}
+        run_sql(db, f"UPDATE {t} SET span = '30 days' WHERE span = '1 mon'")
+        assert await run(config, t) == {t: (0, 1, 0)}
+    finally:
+        run_sql(db, f"DROP TABLE {t}")
+
+
+async def test_mysql_time_round_trips_as_a_timedelta(
+    mysql_url: str, store: StoreServer, make_config: MakeConfig
+) -> None:
+    db = MysqlDb(mysql_url)
+    t = unique_name("clock")
+    clocks = ["-838:59:59.000000", "838:59:59", "00:00:00", "-00:00:00.000001", "12:34:56.5"]
+    run_sql(db, f"CREATE TABLE {t} (id int PRIMARY KEY, at TIME(6))")
+    try:
+        values = ", ".join(f"({i}, '{c}')" for i, c in enumerate(clocks))
+        run_sql(db, f"INSERT INTO {t} VALUES {values}, (99, NULL)")
+        config = make_config(store.url, db.url, {t: keyed(f"SELECT * FROM {t}")})
+        assert await run(config, t) == {t: (6, 0, 0)}
+
+        source = my_rows(f"SELECT * FROM {t} ORDER BY id")
+        assert_cells(["id", "at"], await store_values(store, t), source)
+        wire = await store_wire(store, t)
+        assert wire[0][1] == {"$interval": "-838:59:59"}
+        assert wire[3][1] == {"$interval": "-00:00:00.000001"}
+        assert await run(config, t) == {t: (0, 0, 0)}
+    finally:
+        run_sql(db, f"DROP TABLE {t}")

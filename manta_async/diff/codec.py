@@ -12,7 +12,8 @@ one-key object whose key names its kind and whose value is text:
     datetime (aware)       {"$tstz": "2024-05-01T10:00:00.000000+00:00"}
     date                   {"$date": "2024-05-01"}
     time / time with zone  {"$time": "10:00:00.000000"} / {"$timetz": "10:00:00.000000+02:00"}
-    timedelta              {"$interval": "-86399999999"}   total microseconds
+    timedelta              {"$interval": "-23:59:59.999999"}   hours, minutes, seconds
+    IntervalText           {"$interval": "1 mon 2 days 03:00:00"}  PostgreSQL's text
     UUID                   {"$uuid": "0b5c...-..."}
     IP address / network   {"$inet": "10.0.0.0/8"}
     JsonText (json, jsonb) {"$json": "{\\"b\\": 2, \\"a\\": 1}"}  the database's text
@@ -34,11 +35,12 @@ import datetime as dt
 import ipaddress
 import json
 import math
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from decimal import Decimal
 from hashlib import blake2b
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -50,6 +52,20 @@ _INT_MAX = 2**64 - 1
 
 Wire = Any
 """A JSON-compatible value as defined in the module docstring."""
+
+
+class IntervalText(str):
+    """A PostgreSQL interval as the server's text in IntervalStyle postgres ("1 mon 2 days
+    03:00:00"): months, days and time stay apart, as PostgreSQL keeps them."""
+
+
+class Interval(NamedTuple):
+    """An interval with months or days, as `decode_value` returns it: a month is not 30 days
+    and a day is not always 24 hours, so the three parts cannot become one timedelta."""
+
+    months: int
+    days: int
+    microseconds: int
 
 
 class JsonText(str):
@@ -96,7 +112,22 @@ def _time(value: dt.time) -> Wire:
 
 def _interval(value: dt.timedelta) -> Wire:
     micros = (value.days * 86_400 + value.seconds) * 1_000_000 + value.microseconds
-    return {"$interval": str(micros)}
+    return {"$interval": _clock(micros)}
+
+
+def _clock(micros: int) -> str:
+    # PostgreSQL's spelling of a time-only interval, so that equal values have one text
+    # whichever database they come from: -838:59:59.5 (MySQL TIME's range fits in it).
+    sign = "-" if micros < 0 else ""
+    seconds, fraction = divmod(abs(micros), 1_000_000)
+    minutes, second = divmod(seconds, 60)
+    hours, minute = divmod(minutes, 60)
+    text = f"{sign}{hours:02d}:{minute:02d}:{second:02d}"
+    return f"{text}.{fraction:06d}".rstrip("0") if fraction else text
+
+
+def _interval_text(value: IntervalText) -> Wire:
+    return {"$interval": str(value)}
 
 
 def _uuid(value: uuid.UUID) -> Wire:
@@ -130,6 +161,7 @@ _ENCODERS: dict[type, Callable[[Any], Wire]] = {
     dt.date: _date,
     dt.time: _time,
     dt.timedelta: _interval,
+    IntervalText: _interval_text,
     uuid.UUID: _uuid,
     ipaddress.IPv4Address: _inet,
     ipaddress.IPv6Address: _inet,
@@ -263,6 +295,30 @@ def key_bytes(wire_key: Wire) -> bytes:
     return _identity_bytes(orjson.dumps(wire_key), wire_key)
 
 
+_INTERVAL = re.compile(
+    r"(?:(?P<years>[+-]?\d+) years? ?)?(?:(?P<months>[+-]?\d+) mons? ?)?"
+    r"(?:(?P<days>[+-]?\d+) days? ?)?"
+    r"(?:(?P<sign>[+-]?)(?P<hours>\d+):(?P<minutes>\d\d):(?P<seconds>\d\d(?:\.\d{1,6})?))?"
+)
+
+
+def _parse_interval(text: str) -> dt.timedelta | Interval:
+    """Return a timedelta for a time-only interval, else an Interval of its three parts."""
+    match = _INTERVAL.fullmatch(text)
+    if match is None or not text:
+        raise ValueError(f"{text!r} is not an interval in IntervalStyle postgres")
+    parts = match.groupdict()
+    micros = 0
+    if parts["hours"] is not None:
+        minutes = int(parts["minutes"]) + 60 * int(parts["hours"])
+        seconds = Decimal(parts["seconds"]) + 60 * minutes
+        micros = int(seconds * 1_000_000) * (-1 if parts["sign"] == "-" else 1)
+    if parts["years"] is None and parts["months"] is None and parts["days"] is None:
+        return dt.timedelta(microseconds=micros)
+    months = 12 * int(parts["years"] or 0) + int(parts["months"] or 0)
+    return Interval(months, int(parts["days"] or 0), micros)
+
+
 _DECODERS: dict[str, Callable[[str], Any]] = {
     "$dec": Decimal,
     "$float": float,
@@ -273,7 +329,7 @@ _DECODERS: dict[str, Callable[[str], Any]] = {
     "$date": dt.date.fromisoformat,
     "$time": dt.time.fromisoformat,
     "$timetz": dt.time.fromisoformat,
-    "$interval": lambda text: dt.timedelta(microseconds=int(text)),
+    "$interval": _parse_interval,
     "$uuid": uuid.UUID,
     "$inet": lambda text: (
         ipaddress.ip_interface(text) if "/" in text else ipaddress.ip_address(text)

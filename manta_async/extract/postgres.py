@@ -2,7 +2,9 @@
 
 Each read runs in a read-only REPEATABLE READ transaction and pulls its rows through a
 server-side cursor, `chunk_rows` rows per round trip, so memory stays bounded whatever the
-table's size. The session's TimeZone is UTC so timestamptz values come back in UTC.
+table's size. The session's TimeZone is UTC so timestamptz values come back in UTC. The few
+types whose asyncpg value would lose what the database holds are decoded otherwise (see
+`_use_exact_codecs`).
 """
 
 from __future__ import annotations
@@ -56,15 +58,22 @@ def _convert_error(exc: BaseException, url: ServerUrl, origin: Origin) -> Source
     return origin.error("cannot open", detail, f"check url in {origin.section}")
 
 
+_SETTINGS = {"TimeZone": "UTC", "IntervalStyle": "postgres", "application_name": "manta-async"}
+
+
 async def _use_exact_codecs(conn: asyncpg.Connection) -> None:
     """Decode the types whose default Python value would lose what the database holds.
 
     json and jsonb come back as the server's text, marked as JSON so that the codec compares
     documents by content: by default they are plain strings, and a document rewritten with its
-    keys in another order would look changed.
+    keys in another order would look changed. An interval comes back as the server's text too
+    (IntervalStyle is pinned for the session): asyncpg's timedelta folds '1 mon' into 30 days.
     """
     for name in ("json", "jsonb"):
         await conn.set_type_codec(name, schema="pg_catalog", encoder=str, decoder=codec.JsonText)
+    await conn.set_type_codec(
+        "interval", schema="pg_catalog", encoder=str, decoder=codec.IntervalText
+    )
 
 
 class PostgresSource:
@@ -90,7 +99,7 @@ class PostgresSource:
                 password=self._url.password or None,
                 database=self._url.database,
                 timeout=self._connect_timeout_s,
-                server_settings={"TimeZone": "UTC", "application_name": "manta-async"},
+                server_settings=_SETTINGS,
             )
         except TimeoutError as exc:
             raise self._origin.timed_out(self._connect_timeout_s) from exc
