@@ -106,6 +106,9 @@ class TableConfig(_Section):
     """Key columns. Without them the whole row is its identity and duplicates are counted."""
     max_delete_share: Share | None = None
     """Overrides [agent] max_delete_share for this table."""
+    hash_in_source: bool = True
+    """Let a PostgreSQL or MariaDB source hash its rows by buckets of keys, so a run reads
+    only the buckets that changed (docs/performance.md); false reads every row each run."""
 
     @field_validator("key")
     @classmethod

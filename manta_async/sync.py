@@ -18,18 +18,22 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from manta_async.config import Config
+from manta_async.diff.buckets import diff_by_buckets
 from manta_async.diff.differ import DiffStats, TableDiff
 from manta_async.diff.index import Index
 from manta_async.errors import EncodeError, SourceError, StateError, TableError
-from manta_async.extract import connect
+from manta_async.extract import Column, Row, Source, connect
+from manta_async.extract.base import BucketSource
 from manta_async.faults import crash_point
 from manta_async.queue.batchqueue import BatchQueue
 
 log = logging.getLogger(__name__)
+
+NewDiff = Callable[[list[Column]], TableDiff]
 
 
 @dataclass
@@ -102,20 +106,19 @@ async def sync_table(
     """Read, diff and stage one table; raise TableError or SourceError if it was abandoned."""
     table = config.tables[name]
     source_config = config.source_for(name)
+
+    def new_diff(columns: list[Column]) -> TableDiff:
+        share = None if allow_mass_delete else config.max_delete_share(name)
+        agent = config.agent
+        return TableDiff(index, name, table.key, columns, agent.batch_rows, agent.batch_bytes,
+                         max_delete_share=share)  # fmt: skip
+
     try:
         async with await connect(source_config, config.path.parent, name=table.source) as source:
-            async with source.read(table.sql, config.agent.chunk_rows) as result:
-                diff = TableDiff(
-                    index,
-                    name,
-                    table.key,
-                    result.columns,
-                    config.agent.batch_rows,
-                    config.agent.batch_bytes,
-                    max_delete_share=None if allow_mass_delete else config.max_delete_share(name),
-                )
-                await index.call(diff.start)
-                stats = await _diff_all(index, diff, result.chunks())
+            if table.hash_in_source and isinstance(source, BucketSource):
+                stats = await _sync_buckets(config, index, source, name, new_diff)
+            else:
+                stats = await _sync_stream(config, index, source, name, new_diff)
     except EncodeError as exc:
         raise TableError(name, f"{exc}; nothing of this run was sent") from exc
     except SourceError as exc:
@@ -139,19 +142,48 @@ async def sync_table(
     return stats
 
 
-async def _diff_all(index: Index, diff: TableDiff, chunks: object) -> DiffStats:
+async def _sync_stream(
+    config: Config, index: Index, source: Source, name: str, new_diff: NewDiff
+) -> DiffStats:
+    # Every row of the table is read and compared with the index.
+    table = config.tables[name]
+    async with source.read(table.sql, config.agent.chunk_rows) as result:
+        diff = new_diff(result.columns)
+        await index.call(diff.start)
+        return await _diff_all(index, diff, result.chunks())
+
+
+async def _sync_buckets(
+    config: Config, index: Index, source: BucketSource, name: str, new_diff: NewDiff
+) -> DiffStats:
+    # Only the buckets of keys whose sums moved are read (see diff/buckets.py).
+    table = config.tables[name]
+    async with source.read_buckets(table.sql, table.key) as read:
+        diff = new_diff(read.columns)
+        await index.call(diff.start)
+        return await diff_by_buckets(index, diff, read, config.agent.chunk_rows, _diff_all)
+
+
+async def _diff_all(
+    index: Index,
+    diff: TableDiff,
+    chunks: AsyncIterator[list[Row]],
+    add: Callable[[Sequence[Row]], None] | None = None,
+    commit: Callable[[], DiffStats] | None = None,
+) -> DiffStats:
+    """Feed the chunks to `add` (diff.add_chunk) and end with `commit` (diff.commit)."""
     # The next chunk is fetched while the index thread diffs the previous one.
     pending: Awaitable[None] | None = None
     try:
-        async for rows in chunks:  # type: ignore[attr-defined]
+        async for rows in chunks:
             crash_point("fetched")
             if pending is not None:
                 await pending
-            pending = asyncio.ensure_future(index.call(diff.add_chunk, rows))
+            pending = asyncio.ensure_future(index.call(add or diff.add_chunk, rows))
         if pending is not None:
             await pending
             pending = None
-        return await index.call(diff.commit)
+        return await index.call(commit or diff.commit)
     except BaseException:
         if pending is not None:
             with contextlib.suppress(BaseException):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,6 +116,9 @@ class TableDiff:
         )
         self.snapshot: str | None = None
         """Why this run sends the table in full (first run, new shape, ...), or None."""
+        self.scope: list[tuple[int, int]] | None = None
+        """The key hash ranges the read covered (see buckets.py); None when it read every
+        row. Deletes are looked for only among the index rows in them."""
 
     def _key_positions(self) -> list[int] | None:
         if self.key is None:
@@ -188,24 +191,28 @@ class TableDiff:
 
     # Chunks
 
-    def add_chunk(self, rows: Sequence[Row]) -> None:
-        """Compare one chunk of the read with the index."""
-        entries = self._encode(rows)
-        found = self._lookup(list(entries))
+    def add_chunk(self, rows: Sequence[Row], key_hashes: Sequence[int] | None = None) -> None:
+        """Compare one chunk of the read with the index; `key_hashes`, one per row, are kept
+        in the index for a bucket read (see buckets.py)."""
+        entries = self._encode(rows, key_hashes)
+        found = self._lookup(list(entries), key_hashes is not None)
         conn = self.index.conn
         idx = self._idx
-        inserts: list[tuple[bytes, bytes, int]] = []
+        inserts: list[tuple[bytes, bytes, int, int | None]] = []
         updates: list[tuple[bytes, int]] = []
-        for key, (row, digest, count) in entries.items():
+        moved: list[tuple[int | None, int]] = []
+        for key, (row, digest, count, key_hash) in entries.items():
             hit = found.get(key)
             if hit is None:
-                inserts.append((key, digest, count))
+                inserts.append((key, digest, count, key_hash))
                 self._emit(_INSERT, key, row, count)
                 self.stats.inserts += 1
                 if self.key is not None and count > 1:
                     self._seen_again[key] = _Seen(0, 1, count, row)
                 continue
-            rowid, old_digest, stored_n = hit
+            rowid, old_digest, stored_n, old_key_hash = hit
+            if key_hash != old_key_hash:
+                moved.append((key_hash, rowid))
             if rowid > self._old_max or self._bit(rowid):
                 self._again(key, rowid, stored_n, count, row)
                 continue
@@ -219,22 +226,51 @@ class TableDiff:
                 updates.append((digest, rowid))
                 self._emit(_UPDATE, key, row, 1)
                 self.stats.updates += 1
-        if inserts:
-            conn.executemany(f"INSERT INTO {idx} (key, hash, n) VALUES (?, ?, ?)", inserts)
+        if inserts and key_hashes is None:
+            inserts_plain = [entry[:3] for entry in inserts]
+            conn.executemany(f"INSERT INTO {idx} (key, hash, n) VALUES (?, ?, ?)", inserts_plain)
+        elif inserts:
+            conn.executemany(
+                f"INSERT INTO {idx} (key, hash, n, key_hash) VALUES (?, ?, ?, ?)", inserts
+            )
         if updates:
             conn.executemany(f"UPDATE {idx} SET hash = ? WHERE rowid = ?", updates)
+        if moved:
+            conn.executemany(f"UPDATE {idx} SET key_hash = ? WHERE rowid = ?", moved)
         self.stats.rows += len(rows)
+
+    def add_bucket_chunk(self, rows: Sequence[Row]) -> None:
+        """Compare one chunk of a bucket read: each row's key hash, then its values."""
+        self.add_chunk([row[1:] for row in rows], [row[0] for row in rows])
 
     @property
     def _idx(self) -> str:
         assert self._state is not None, "start() opens the run before chunks are added"
         return self._state.idx_table
 
-    def _encode(self, rows: Sequence[Row]) -> dict[bytes, tuple[bytes, bytes, int]]:
-        # Key bytes → (row bytes, row hash, how often the key occurs in this chunk).
-        entries: dict[bytes, tuple[bytes, bytes, int]] = {}
+    @property
+    def idx_table(self) -> str:
+        return self._idx
+
+    @property
+    def slot(self) -> int:
+        assert self._state is not None, "start() opens the run"
+        return self._state.slot
+
+    @property
+    def columns_json(self) -> list[dict[str, str]]:
+        return self._columns_json
+
+    def _encode(
+        self, rows: Sequence[Row], key_hashes: Sequence[int] | None
+    ) -> dict[bytes, tuple[bytes, bytes, int, int | None]]:
+        # Key bytes → (row bytes, row hash, how often the key occurs in this chunk, key hash).
+        entries: dict[bytes, tuple[bytes, bytes, int, int | None]] = {}
         key_pos = self._key_pos
-        for source_row in rows:
+        key_hash = None
+        for i, source_row in enumerate(rows):
+            if key_hashes is not None:
+                key_hash = key_hashes[i]
             wire = codec.encode_row(source_row)
             row = codec.dumps(wire)
             digest = codec.row_hash(row)
@@ -245,18 +281,25 @@ class TableDiff:
             key = codec.key_bytes(wire_key)
             previous = entries.get(key)
             count = 1 if previous is None else previous[2] + 1
-            entries[key] = (row, digest, count)
+            entries[key] = (row, digest, count, key_hash)
         return entries
 
-    def _lookup(self, keys: list[bytes]) -> dict[bytes, tuple[int, bytes, int]]:
-        found: dict[bytes, tuple[int, bytes, int]] = {}
+    def _lookup(
+        self, keys: list[bytes], key_hash: bool
+    ) -> dict[bytes, tuple[int, bytes, int, int | None]]:
+        found: dict[bytes, tuple[int, bytes, int, int | None]] = {}
         conn = self.index.conn
+        # Only a bucket read keeps key hashes; an index that never had one may lack the column.
+        stored_hash = "key_hash" if key_hash else "NULL"
         for start in range(0, len(keys), _LOOKUP_KEYS):
             part = keys[start : start + _LOOKUP_KEYS]
             marks = ",".join("?" * len(part))
-            sql = f"SELECT key, rowid, hash, n FROM {self._idx} WHERE key IN ({marks})"
-            for key, rowid, digest, n in conn.execute(sql, part):
-                found[key] = (rowid, digest, n)
+            sql = (
+                f"SELECT key, rowid, hash, n, {stored_hash} FROM {self._idx} "
+                f"WHERE key IN ({marks})"
+            )
+            for key, rowid, digest, n, old_key_hash in conn.execute(sql, part):
+                found[key] = (rowid, digest, n, old_key_hash)
         return found
 
     def _again(self, key: bytes, rowid: int, stored_n: int, count: int, row: bytes) -> None:
@@ -306,16 +349,14 @@ class TableDiff:
             self.stats.updates += 1
 
     def _stage_deletes(self) -> None:
-        if self._matched == self._old_rows:
+        candidates = self._old_rows if self.scope is None else self._scope_rows()
+        if self._matched == candidates:
             return
-        self._check_delete_share(self._old_rows - self._matched)
+        self._check_delete_share(candidates - self._matched)
         conn = self.index.conn
         builder = _BatchBuilder(_PHASE_DELETE)
         gone: list[tuple[int]] = []
-        cursor = conn.execute(
-            f"SELECT rowid, key FROM {self._idx} WHERE rowid <= ?", (self._old_max,)
-        )
-        for rowid, key in cursor:
+        for rowid, key in self._delete_candidates():
             if self._bit(rowid):
                 continue
             gone.append((rowid,))
@@ -324,6 +365,25 @@ class TableDiff:
             self.stats.deletes += 1
         conn.executemany(f"DELETE FROM {self._idx} WHERE rowid = ?", gone)
         self._flush(builder)
+
+    def _delete_candidates(self) -> Iterator[tuple[int, bytes]]:
+        # The index rows the read could have returned: all, or those of the buckets it read.
+        conn = self.index.conn
+        if self.scope is None:
+            sql = f"SELECT rowid, key FROM {self._idx} WHERE rowid <= ?"
+            yield from conn.execute(sql, (self._old_max,))
+            return
+        sql = f"SELECT rowid, key FROM {self._idx} WHERE key_hash BETWEEN ? AND ? AND rowid <= ?"
+        for low, high in self.scope:
+            yield from conn.execute(sql, (low, high, self._old_max))
+
+    def _scope_rows(self) -> int:
+        assert self.scope is not None
+        sql = f"SELECT count(*) FROM {self._idx} WHERE key_hash BETWEEN ? AND ? AND rowid <= ?"
+        conn = self.index.conn
+        bounds = [(low, high, self._old_max) for low, high in self.scope]
+        counts = (conn.execute(sql, bound).fetchone()[0] for bound in bounds)
+        return sum(counts)
 
     def _check_delete_share(self, deletes: int) -> None:
         # A source that suddenly returns few rows (a wrong view, a table being reloaded) would

@@ -25,6 +25,7 @@ from manta_async.config import SourceConfig
 from manta_async.errors import SourceError
 from manta_async.extract import Origin, ServerUrl
 from manta_async.extract.base import Column, Row
+from manta_async.extract.mysql_buckets import HashSql, MysqlBucketRead, has_crc32c
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +183,41 @@ class MysqlSource:
         except pymysql.err.MySQLError as exc:
             raise _read_error(exc, self._origin) from exc
         return MysqlResult(cursor, chunk_rows, self._origin)
+
+    @asynccontextmanager
+    async def read_buckets(self, sql: str, key: list[str] | None) -> AsyncIterator[MysqlBucketRead]:
+        """Open a read-only snapshot in which the server sums `sql`'s rows by buckets."""
+        if self._reading:
+            raise RuntimeError("this source is already reading; finish one read before another")
+        await self.open()
+        conn = self._conn
+        cursor = await conn.cursor()
+
+        async def execute(statement: str) -> None:
+            try:
+                await cursor.execute(statement)
+            except pymysql.err.MySQLError as exc:
+                raise _read_error(exc, self._origin) from exc
+
+        async def run(statement: str, chunk_rows: int) -> MysqlResult:
+            await execute(statement)
+            return MysqlResult(cursor, chunk_rows, self._origin)
+
+        self._reading = True
+        read: MysqlBucketRead | None = None
+        try:
+            await execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+            probe = HashSql(sql, [], None, crc32c=False)
+            shape = await run(f"SELECT * FROM {probe.source} LIMIT 0", 1)
+            async for _ in shape.chunks():
+                pass
+            crc32c = has_crc32c(conn.get_server_info())
+            hash_sql = HashSql(sql, shape.columns, key, crc32c)
+            read = MysqlBucketRead(run, hash_sql, shape.columns)
+            yield read
+        finally:
+            self._reading = False
+            await self._end(conn, cursor, finished=read is not None and read.finished)
 
     async def _end(self, conn: Any, cursor: Any, finished: bool) -> None:
         # An unfinished unbuffered result can only be skipped by reading it to its end, which

@@ -10,7 +10,7 @@ types whose asyncpg value would lose what the database holds are decoded otherwi
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,6 +21,7 @@ from manta_async.diff import codec
 from manta_async.errors import SourceError
 from manta_async.extract import Origin, ServerUrl
 from manta_async.extract.base import Column, Row
+from manta_async.extract.postgres_buckets import SETTINGS, HashSql, PostgresBucketRead
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +149,49 @@ class PostgresSource:
             raise self._origin.query_failed(str(exc)) from exc
         return PostgresResult(attributes, cursor, chunk_rows, self._origin)
 
+    @asynccontextmanager
+    async def read_buckets(
+        self, sql: str, key: list[str] | None
+    ) -> AsyncIterator[PostgresBucketRead]:
+        """Open a read-only snapshot in which the server sums `sql`'s rows by buckets."""
+        if self._reading:
+            raise RuntimeError("this source is already reading; finish one read before another")
+        await self.open()
+        assert self._conn is not None
+        conn = self._conn
+        transaction = conn.transaction(isolation="repeatable_read", readonly=True)
+
+        self._reading = True
+        try:
+            yield await self._start_buckets(conn, transaction, sql, key)
+        finally:
+            self._reading = False
+            await self._end(conn, transaction)
+
+    async def _start_buckets(
+        self, conn: asyncpg.Connection, transaction: Any, sql: str, key: list[str] | None
+    ) -> PostgresBucketRead:
+        hash_sql = HashSql(sql, [], None)
+        try:
+            await transaction.start()
+            # The text of every value is hashed, so its form is pinned for this transaction.
+            await conn.execute("; ".join(SETTINGS))
+            statement = await conn.prepare(f"SELECT * FROM {hash_sql.source}")
+            attributes = statement.get_attributes()
+        except _LOST as exc:
+            raise self._origin.lost(str(exc)) from exc
+        except asyncpg.PostgresError as exc:
+            raise self._origin.query_failed(str(exc)) from exc
+        columns = [Column(item.name, item.type.name) for item in attributes]
+        return PostgresBucketRead(
+            conn,
+            HashSql(sql, attributes, key),
+            columns,
+            self._origin,
+            _LOST,
+            _bucket_row(attributes),
+        )
+
     async def _end(self, conn: asyncpg.Connection, transaction: Any) -> None:
         # Rolling back a read-only transaction only releases its snapshot and cursor. When
         # that fails the connection is in an unknown state, so drop it; the next read
@@ -234,3 +278,21 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(item) for item in value]
     return value
+
+
+def _bucket_row(attributes: Any) -> Callable[[asyncpg.Record], Row]:
+    """Return the conversion of a bucket read's record: its key hash, then the row's values
+    converted as a plain read converts them."""
+    nested = [
+        i + 1 for i, item in enumerate(attributes) if item.type.kind in ("composite", "array")
+    ]
+    if not nested:
+        return tuple
+
+    def convert(record: asyncpg.Record) -> Row:
+        values = list(record)
+        for i in nested:
+            values[i] = _plain(values[i])
+        return tuple(values)
+
+    return convert
