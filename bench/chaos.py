@@ -495,6 +495,7 @@ def audit_batches(lab: Lab, f: Findings, trial: str) -> None:
     for text in report.notes:
         f.problem(trial, text)
     f.batches_applied, f.changes_applied, f.resent_refused = report.totals
+    f.unverified = report.unverified
 
 
 # --- the summary ------------------------------------------------------------------------------
@@ -505,7 +506,8 @@ def merge(into: Findings, other: Findings) -> None:
     into.exit_codes.update(other.exit_codes)
     for name in ("lost_changes", "double_applied", "seq_gaps", "seq_repeats", "unknown_batches",
                  "changes_mismatch", "integrity_failures", "left_in_queue", "batches_applied",
-                 "changes_applied", "resent_refused", "proxied_requests"):  # fmt: skip
+                 "changes_applied", "resent_refused", "proxied_requests",
+                 "unverified"):  # fmt: skip
         setattr(into, name, getattr(into, name) + getattr(other, name))
     into.recovery_s += other.recovery_s
     into.messages.update(other.messages)
@@ -523,6 +525,7 @@ def summary(per_db: dict[str, Findings], seconds: float) -> dict[str, object]:
             "sequence gaps": f.seq_gaps,
             "sequence repeats": f.seq_repeats,
             "unknown batches": f.unknown_batches,
+            "batches not seen in the queue": f.unverified,
             "change counts differing": f.changes_mismatch,
             "integrity failures": f.integrity_failures,
             "left in queue": f.left_in_queue,
@@ -542,7 +545,8 @@ def summary(per_db: dict[str, Findings], seconds: float) -> dict[str, object]:
 def print_summary(figures: dict[str, object]) -> None:
     dbs = [k for k in figures if k != "seconds"]
     rows = ["trials", "lost changes", "double applications", "sequence gaps",
-            "sequence repeats", "unknown batches", "change counts differing",
+            "sequence repeats", "unknown batches", "batches not seen in the queue",
+            "change counts differing",
             "integrity failures", "left in queue", "batches applied", "changes applied",
             "resends refused as duplicates", "batch requests through the proxy",
             "recovery median s", "recovery worst s"]  # fmt: skip
