@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import orjson
 
 from manta_async.diff import codec
+from manta_async.extract import pgtypes
 
 
 class SourceDb(Protocol):
@@ -55,13 +56,6 @@ class SqliteDb:
         return "?"
 
 
-_PG_TEXT_TYPES = [
-    ("json", codec.JsonText),
-    ("jsonb", codec.JsonText),
-    ("interval", codec.IntervalText),
-]
-
-
 class PostgresDb:
     kind = "postgres"
 
@@ -88,10 +82,9 @@ class PostgresDb:
 
     def encoded_rows(self, sql: str) -> list[bytes]:
         async def fetch(conn: Any) -> list[bytes]:
-            # Read as the extractor reads: JSON and intervals as the server's text, marked.
+            # Read as the extractor reads the types asyncpg would change (see pgtypes.py).
             await conn.execute("SET TimeZone = 'UTC'; SET IntervalStyle = 'postgres'")
-            for name, kind in _PG_TEXT_TYPES:
-                await conn.set_type_codec(name, schema="pg_catalog", encoder=str, decoder=kind)
+            await pgtypes.use_exact_codecs(conn)
             rows = await conn.fetch(sql)
             return sorted(codec.dumps(codec.encode_row(tuple(r))) for r in rows)
 

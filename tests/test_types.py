@@ -386,3 +386,66 @@ async def test_mysql_time_round_trips_as_a_timedelta(
         assert await run(config, t) == {t: (0, 0, 0)}
     finally:
         run_sql(db, f"DROP TABLE {t}")
+
+
+# --- dates and times Python cannot hold -----------------------------------------------------
+
+PG_EDGES = [
+    ("infinity", "infinity", "infinity", "24:00:00", "24:00:00+02"),
+    ("-infinity", "-infinity", "-infinity", "00:00:00", "00:00:00-03:30"),
+    ("9999-12-31", "9999-12-31 23:59:59.999999", "9999-12-31 23:59:59.999999+00",
+     "23:59:59.999999", "23:59:59.999999+14"),
+    ("0001-01-01", "0001-01-01 00:00:00", "0001-01-01 00:00:00+00", "12:00:00.5", "12:00:00+00"),
+    ("10000-01-01", "10000-01-01 00:00:00", "12345-06-07 08:09:10.5+00", None, None),
+    ("0044-03-15 BC", "0001-12-31 23:59:59 BC", None, None, None),
+]  # fmt: skip
+
+
+async def test_postgres_infinity_and_far_dates_arrive_as_themselves(
+    pg_url: str, store: StoreServer, make_config: MakeConfig
+) -> None:
+    db = PostgresDb(pg_url)
+    t = unique_name("edges")
+    run_sql(
+        db,
+        f"""CREATE TABLE {t} (id int PRIMARY KEY, d date, ts timestamp,
+                    tstz timestamptz, t time, ttz timetz, ds date[])""",
+    )
+    try:
+        rows = [(i, *edge, [edge[0], None]) for i, edge in enumerate(PG_EDGES, start=1)]
+        db.executemany(
+            f"INSERT INTO {t} VALUES ($1, $2::text::date, $3::text::timestamp, "
+            "$4::text::timestamptz, $5::text::time, $6::text::timetz, $7::text[]::date[])",
+            rows,
+        )
+        run_sql(db, f"INSERT INTO {t} (id) VALUES (99)")
+        config = make_config(store.url, db.url, {t: keyed(f"SELECT * FROM {t}")})
+        assert await run(config, t) == {t: (7, 0, 0)}
+
+        # Infinity and 24:00:00 are their words, far years ISO 8601's expanded years (year 0
+        # is 1 BC); 9999-12-31 stays a date of its own.
+        wire = await store_wire(store, t)
+        assert wire[0][1:6] == [{"$date": "infinity"}, {"$ts": "infinity"},
+                                {"$tstz": "infinity"}, {"$time": "24:00:00.000000"},
+                                {"$timetz": "24:00:00.000000+02:00"}]  # fmt: skip
+        assert wire[1][1:4] == [{"$date": "-infinity"}, {"$ts": "-infinity"},
+                                {"$tstz": "-infinity"}]  # fmt: skip
+        assert wire[4][1:4] == [{"$date": "+10000-01-01"},
+                                {"$ts": "+10000-01-01T00:00:00.000000"},
+                                {"$tstz": "+12345-06-07T08:09:10.500000+00:00"}]  # fmt: skip
+        assert wire[5][1:3] == [{"$date": "-0043-03-15"}, {"$ts": "0000-12-31T23:59:59.000000"}]
+        assert wire[0][6] == [{"$date": "infinity"}, None]
+        assert wire[2][1] == {"$date": "9999-12-31"}
+
+        # The values Python holds are the ones asyncpg reads; the others decode to their text.
+        plain = await pg_rows(db.url, f"SELECT * FROM {t} WHERE id IN (3, 4, 99) ORDER BY id")
+        stored = await store_values(store, t)
+        assert_cells(["id", "d", "ts", "tstz", "t", "ttz", "ds"], stored[2:4] + stored[6:], plain)
+        assert stored[0][1:3] == ["infinity", "infinity"]
+
+        # Unchanged: nothing to send. Infinity becoming 9999-12-31 is a change.
+        assert await run(config, t) == {t: (0, 0, 0)}
+        run_sql(db, f"UPDATE {t} SET d = '9999-12-31' WHERE id = 1")
+        assert await run(config, t) == {t: (0, 1, 0)}
+    finally:
+        run_sql(db, f"DROP TABLE {t}")

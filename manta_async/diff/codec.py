@@ -14,6 +14,7 @@ one-key object whose key names its kind and whose value is text:
     time / time with zone  {"$time": "10:00:00.000000"} / {"$timetz": "10:00:00.000000+02:00"}
     timedelta              {"$interval": "-23:59:59.999999"}   hours, minutes, seconds
     IntervalText           {"$interval": "1 mon 2 days 03:00:00"}  PostgreSQL's text
+    Special("$date", "infinity")  {"$date": "infinity"}  a value no Python value stands for
     UUID                   {"$uuid": "0b5c...-..."}
     IP address / network   {"$inet": "10.0.0.0/8"}
     JsonText (json, jsonb) {"$json": "{\\"b\\": 2, \\"a\\": 1}"}  the database's text
@@ -38,6 +39,7 @@ import math
 import re
 import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from hashlib import blake2b
 from typing import Any, NamedTuple
@@ -66,6 +68,16 @@ class Interval(NamedTuple):
     months: int
     days: int
     microseconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class Special:
+    """A value the database holds that no Python value stands for: PostgreSQL's infinity dates,
+    24:00:00 and years past 9999 or before 1, MySQL's zero dates. It travels as its text under
+    the tag of its kind ({"$date": "0000-00-00"}), and decodes to that text."""
+
+    tag: str
+    text: str
 
 
 class JsonText(str):
@@ -146,6 +158,10 @@ def _json_text(value: JsonText) -> Wire:
     return {"$json": str(value)}
 
 
+def _special(value: Special) -> Wire:
+    return {value.tag: value.text}
+
+
 def _array(value: Sequence[Any]) -> Wire:
     return [encode_value(item) for item in value]
 
@@ -171,6 +187,7 @@ _ENCODERS: dict[type, Callable[[Any], Wire]] = {
     ipaddress.IPv6Interface: _inet,
     dict: _json,
     JsonText: _json_text,
+    Special: _special,
     list: _array,
     tuple: _array,
 }
@@ -319,16 +336,28 @@ def _parse_interval(text: str) -> dt.timedelta | Interval:
     return Interval(months, int(parts["days"] or 0), micros)
 
 
+def _or_text(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """Return `parse`, except that text it cannot read (a `Special` value) is its own value."""
+
+    def parse_or_text(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError:
+            return text
+
+    return parse_or_text
+
+
 _DECODERS: dict[str, Callable[[str], Any]] = {
     "$dec": Decimal,
     "$float": float,
     "$int": int,
     "$bytes": base64.b64decode,
-    "$ts": dt.datetime.fromisoformat,
-    "$tstz": dt.datetime.fromisoformat,
-    "$date": dt.date.fromisoformat,
-    "$time": dt.time.fromisoformat,
-    "$timetz": dt.time.fromisoformat,
+    "$ts": _or_text(dt.datetime.fromisoformat),
+    "$tstz": _or_text(dt.datetime.fromisoformat),
+    "$date": _or_text(dt.date.fromisoformat),
+    "$time": _or_text(dt.time.fromisoformat),
+    "$timetz": _or_text(dt.time.fromisoformat),
     "$interval": _parse_interval,
     "$uuid": uuid.UUID,
     "$inet": lambda text: (

@@ -4,7 +4,7 @@ Each read runs in a read-only REPEATABLE READ transaction and pulls its rows thr
 server-side cursor, `chunk_rows` rows per round trip, so memory stays bounded whatever the
 table's size. The session's TimeZone is UTC so timestamptz values come back in UTC. The few
 types whose asyncpg value would lose what the database holds are decoded otherwise (see
-`_use_exact_codecs`).
+pgtypes.py).
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from typing import Any
 import asyncpg
 
 from manta_async.config import SourceConfig
-from manta_async.diff import codec
 from manta_async.errors import SourceError
-from manta_async.extract import Origin, ServerUrl
+from manta_async.extract import Origin, ServerUrl, pgtypes
 from manta_async.extract.base import Column, Row
 from manta_async.extract.postgres_buckets import SETTINGS, HashSql, PostgresBucketRead
 
@@ -62,21 +61,6 @@ def _convert_error(exc: BaseException, url: ServerUrl, origin: Origin) -> Source
 _SETTINGS = {"TimeZone": "UTC", "IntervalStyle": "postgres", "application_name": "manta-async"}
 
 
-async def _use_exact_codecs(conn: asyncpg.Connection) -> None:
-    """Decode the types whose default Python value would lose what the database holds.
-
-    json and jsonb come back as the server's text, marked as JSON so that the codec compares
-    documents by content: by default they are plain strings, and a document rewritten with its
-    keys in another order would look changed. An interval comes back as the server's text too
-    (IntervalStyle is pinned for the session): asyncpg's timedelta folds '1 mon' into 30 days.
-    """
-    for name in ("json", "jsonb"):
-        await conn.set_type_codec(name, schema="pg_catalog", encoder=str, decoder=codec.JsonText)
-    await conn.set_type_codec(
-        "interval", schema="pg_catalog", encoder=str, decoder=codec.IntervalText
-    )
-
-
 class PostgresSource:
     """One connection to a PostgreSQL database; reads run one after another."""
 
@@ -108,7 +92,7 @@ class PostgresSource:
             raise _convert_error(exc, self._url, self._origin) from exc
 
         try:
-            await _use_exact_codecs(conn)
+            await pgtypes.use_exact_codecs(conn)
         except (*_LOST, asyncpg.PostgresError) as exc:
             conn.terminate()
             raise _convert_error(exc, self._url, self._origin) from exc
