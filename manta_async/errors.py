@@ -98,3 +98,12 @@ def is_damage(exc: BaseException) -> bool:
 
     code = getattr(exc, "sqlite_errorcode", None)
     return code is None or code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def first_problem(report: str) -> str:
+    """SQLite's quick_check report, which may run to hundreds of lines, as one line: the
+    first problem and how many more there are."""
+    lines = [line for line in report.splitlines() if line.strip() and "*** in database" not in line]
+    if len(lines) <= 1:
+        return lines[0] if lines else report
+    return f"{lines[0]}, and {len(lines) - 1} more problems"

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from manta_async.errors import StateError, is_damage
+from manta_async.errors import StateError, first_problem, is_damage
 
 T = TypeVar("T")
 
@@ -129,7 +129,7 @@ class Index:
             conn.execute("PRAGMA busy_timeout=10000")
             result = conn.execute("PRAGMA quick_check").fetchone()[0]
             if result != "ok":
-                raise sqlite3.DatabaseError(result)
+                raise sqlite3.DatabaseError(first_problem(result))
             conn.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             if not is_damage(exc):

@@ -32,7 +32,7 @@ import orjson
 from persistqueue import SQLiteAckQueue
 from persistqueue.sqlackqueue import AckStatus
 
-from manta_async.errors import QueueError, StateError, is_damage
+from manta_async.errors import QueueError, StateError, first_problem, is_damage
 
 T = TypeVar("T")
 
@@ -158,7 +158,7 @@ class BatchQueue:
             )
             check = self._read.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
-                raise sqlite3.DatabaseError(check)
+                raise sqlite3.DatabaseError(first_problem(check))
         except sqlite3.DatabaseError as exc:
             if not is_damage(exc):
                 raise StateError(

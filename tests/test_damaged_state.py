@@ -1,0 +1,65 @@
+"""Damaged state files are found when a run starts, and said so in one line with what to do.
+
+SQLite's quick_check reports one line per problem, sometimes hundreds; the error shows the
+first and counts the rest, so the command line still prints one red line.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from manta_async import agent
+from manta_async.errors import StateError
+from manta_async.store import StoreServer
+from tests.conftest import MakeConfig
+from tests.dbs import SqliteDb
+
+SQL = "SELECT id, name FROM items"
+
+
+def spoil_one_page(path: Path) -> None:
+    """Overwrite part of one page so that quick_check reports many problems (and does not
+    simply fail): the first page, from the third on, where that happens."""
+    sound = path.read_bytes()
+    for page in range(2, len(sound) // 4096):
+        data = bytearray(sound)
+        start = page * 4096 + 512
+        data[start : start + 2048] = random.Random(1).randbytes(2048)
+        path.write_bytes(bytes(data))
+        if "\n" in quick_check(path):
+            return
+    raise AssertionError(f"no page of {path} gives a report of several lines")
+
+
+def quick_check(path: Path) -> str:
+    conn = sqlite3.connect(path)
+    try:
+        return "\n".join(row[0] for row in conn.execute("PRAGMA quick_check"))
+    except sqlite3.DatabaseError:
+        return "(fails at once)"
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("damaged", ["index.db", "queue/data.db"])
+async def test_a_damaged_state_file_is_one_line_saying_what_to_do(
+    damaged: str, tmp_path: Path, store: StoreServer, make_config: MakeConfig
+) -> None:
+    db = SqliteDb(tmp_path / "source.db")
+    db.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)")
+    db.executemany("INSERT INTO items VALUES (?, ?)", [(i, f"item {i:>40}") for i in range(3000)])
+    config = make_config(store.url, db.url, {"items": {"sql": SQL, "key": ["id"]}},
+                         batch_rows=100)  # fmt: skip
+    assert (await agent.run_once(config, ["items"])).exit_code == agent.EXIT_OK
+    spoil_one_page(config.state_dir / damaged)
+
+    with pytest.raises(StateError) as raised:
+        await agent.run_once(config, ["items"])
+
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "is damaged" in message and "aside" in message and "resync" in message
