@@ -44,7 +44,9 @@ from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-TABLE = "bench_rows"
+# Each benchmark has a table of its own, so that two of them (or the smoke test) can share the
+# servers; the step processes find its name in the environment.
+TABLE = os.environ.setdefault("MANTA_BENCH_TABLE", f"bench_rows_{os.getpid()}")
 SQL = f"SELECT id, name, amount, created, active, code FROM {TABLE}"
 TOKEN = "bench-token"
 AGENT = "bench"
