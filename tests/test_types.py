@@ -449,3 +449,58 @@ async def test_postgres_infinity_and_far_dates_arrive_as_themselves(
         assert await run(config, t) == {t: (0, 1, 0)}
     finally:
         run_sql(db, f"DROP TABLE {t}")
+
+
+# --- MySQL zero dates -----------------------------------------------------------------------
+
+ZERO_DATES = [
+    ("0000-00-00", "0000-00-00 00:00:00", "0000-00-00 00:00:00"),
+    ("2016-00-00", "2016-00-00 10:00:00", None),
+    (None, None, None),
+    ("2024-02-29", "2024-02-29 12:34:56.789", "2024-02-29 12:34:56.789"),
+    ("2016-05-00", "2016-05-00 00:00:00", None),
+]
+
+
+def sql_literal(value: str | None) -> str:
+    return "NULL" if value is None else f"'{value}'"
+
+
+async def test_mysql_zero_and_partial_dates_arrive_as_they_are(
+    mysql_url: str, store: StoreServer, make_config: MakeConfig
+) -> None:
+    db = MysqlDb(mysql_url)
+    t = unique_name("zero")
+    run_sql(
+        db,
+        f"""CREATE TABLE {t} (id int PRIMARY KEY, d DATE NULL, dt DATETIME(6) NULL,
+                    ts TIMESTAMP(6) NULL DEFAULT NULL)""",
+    )
+    try:
+        # Only a session with a relaxed sql_mode may write them; any session reads them.
+        values = ", ".join(
+            f"({i}, {', '.join(sql_literal(v) for v in row)})"
+            for i, row in enumerate(ZERO_DATES, start=1)
+        )
+        my_execute(f"INSERT INTO {t} VALUES {values}", relaxed=True)
+        config = make_config(store.url, db.url, {
+            t: keyed(f"SELECT * FROM {t}"), "bag": keyless(f"SELECT d FROM {t}"),
+        })  # fmt: skip
+        assert await run(config, t, "bag") == {t: (5, 0, 0), "bag": (5, 0, 0)}
+
+        # Each is the server's text under its column's tag, and decodes to what PyMySQL reads.
+        wire = await store_wire(store, t)
+        assert wire[0][1:] == [{"$date": "0000-00-00"},
+                               {"$ts": "0000-00-00 00:00:00.000000"},
+                               {"$ts": "0000-00-00 00:00:00.000000"}]  # fmt: skip
+        assert wire[1][1] == {"$date": "2016-00-00"} and wire[2][1:] == [None, None, None]
+        source = my_rows(f"SELECT * FROM {t} ORDER BY id")
+        assert_cells(["id", "d", "dt", "ts"], await store_values(store, t), source)
+        assert len(await store_wire(store, "bag")) == 5
+
+        # Unchanged: nothing to send. A zero date becoming NULL is one change.
+        assert await run(config, t, "bag") == {t: (0, 0, 0), "bag": (0, 0, 0)}
+        run_sql(db, f"UPDATE {t} SET d = NULL WHERE id = 1")
+        assert (await run(config, t, "bag"))[t] == (0, 1, 0)
+    finally:
+        run_sql(db, f"DROP TABLE {t}")

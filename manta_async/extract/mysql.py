@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,6 +22,7 @@ import pymysql
 from pymysql.constants import FIELD_TYPE
 
 from manta_async.config import SourceConfig
+from manta_async.diff import codec
 from manta_async.errors import SourceError
 from manta_async.extract import Origin, ServerUrl
 from manta_async.extract.base import Column, Row
@@ -263,8 +264,12 @@ class MysqlResult:
         self._origin = origin
         fields = cursor._result.fields if cursor._result is not None else []
         self._columns = [_column(field) for field in fields]
-        # Binary columns may come back as bytearray; only they pay for the check.
-        self._binary = [i for i, column in enumerate(self._columns) if column.type in _BYTES]
+        # Only the columns whose values may need converting pay for it (see _CONVERTS).
+        self._converts = [
+            (i, _CONVERTS[column.type])
+            for i, column in enumerate(self._columns)
+            if column.type in _CONVERTS
+        ]
         self.finished = False
 
     @property
@@ -301,13 +306,31 @@ class MysqlResult:
             raise self._origin.lost("the result ended before the server's end-of-rows packet")
 
     def _row(self, row: tuple[Any, ...]) -> Row:
-        if not self._binary:
+        if not self._converts:
             return row
         values = list(row)
-        for i in self._binary:
-            if isinstance(values[i], bytearray):
-                values[i] = bytes(values[i])
+        for i, convert in self._converts:
+            values[i] = convert(values[i])
         return tuple(values)
+
+
+def _bytes(value: Any) -> Any:
+    return bytes(value) if isinstance(value, bytearray) else value
+
+
+def _special(tag: str) -> Callable[[Any], Any]:
+    def convert(value: Any) -> Any:
+        return codec.Special(tag, value) if isinstance(value, str) else value
+
+    return convert
+
+
+# Binary strings may come back as bytearray. A zero or partial date ('0000-00-00',
+# '2016-00-00 10:00:00'), which a relaxed sql_mode lets in, has no Python value: PyMySQL
+# returns the server's text, which travels as that text under the date's own tag.
+_CONVERTS: dict[str, Callable[[Any], Any]] = {name: _bytes for name in _BYTES}
+_CONVERTS |= {"date": _special("$date"), "datetime": _special("$ts")}
+_CONVERTS |= {"timestamp": _special("$ts")}
 
 
 def _column(field: Any) -> Column:
