@@ -207,7 +207,9 @@ class MariaSource(Source):
             charset="utf8mb4", init_command="SET time_zone = '+00:00'",
         )  # fmt: skip
         async with self.conn.cursor() as cur:
-            await cur.execute("CREATE DATABASE IF NOT EXISTS manta_test CHARACTER SET utf8mb4")
+            await cur.execute("SHOW DATABASES LIKE 'manta_test'")
+            if not await cur.fetchall():
+                await cur.execute("CREATE DATABASE manta_test CHARACTER SET utf8mb4")
             await cur.execute("USE manta_test")
 
     async def close(self) -> None:
@@ -230,7 +232,7 @@ class MariaSource(Source):
     async def kill_readers(self, table: str) -> int:
         found = await self.fetch(
             "SELECT id FROM information_schema.processlist WHERE id <> CONNECTION_ID() "
-            f"AND db = 'manta_test' AND info LIKE 'SELECT % FROM {table}%'"
+            f"AND db = 'manta_test' AND info LIKE 'SELECT %{table}%'"
         )
         for (pid,) in found:
             await self.execute(f"KILL {int(pid)}")
@@ -280,7 +282,7 @@ def table_specs(prefix: str) -> dict[str, TableSpec]:
         ),
         "big": TableSpec(
             f"{p}_big",
-            f"CREATE TABLE {p}_big (id INT PRIMARY KEY, v VARCHAR(40) NOT NULL)",
+            f"CREATE TABLE {p}_big (id INT PRIMARY KEY, v VARCHAR(200) NOT NULL)",
             f"SELECT id, v FROM {p}_big",
             ["id"],
         ),
@@ -320,7 +322,8 @@ class Mutator:
             f"INSERT INTO {s['wide'].name} VALUES (?, ?)", [(i, "w" * 600) for i in range(wide)]
         )
         await self.source.executemany(
-            f"INSERT INTO {s['big'].name} VALUES (?, ?)", [(i, f"v{i}") for i in range(big)]
+            f"INSERT INTO {s['big'].name} VALUES (?, ?)",
+            [(i, f"v{i}".ljust(120, ".")) for i in range(big)],
         )
 
     async def drop(self) -> None:
@@ -435,6 +438,7 @@ class Findings:
     changes_applied: int = 0
     resent_refused: int = 0
     proxied_requests: int = 0
+    network_batches: int = 0
     recovery_s: list[float] = field(default_factory=list)
     exit_codes: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
