@@ -93,9 +93,9 @@ async def run_once(
         finally:
             drain_lock.release()
     else:
-        report.handed_over = True
         timeout_s = config.store.retry_for_s if wait_s is None else wait_s
-        await _wait_for(config, report.sync.queued, timeout_s)
+        report.drain = await _wait_for(config, drain_lock, report.sync.queued, timeout_s)
+        report.handed_over = report.drain is None
     report.counts = await queue_counts(config)
     return report
 
@@ -134,14 +134,28 @@ async def queue_counts(config: Config) -> dict[str, int]:
         return await queue.call(queue.counts)
 
 
-async def _wait_for(config: Config, pqids: list[int], timeout_s: float) -> None:
+async def _wait_for(
+    config: Config, drain_lock: StateLock, pqids: list[int], timeout_s: float
+) -> DrainReport | None:
+    """Wait for the draining process to deliver `pqids`; drain them here if it goes away
+    first (it may have ended its drain just before they were queued)."""
     deadline = time.monotonic() + timeout_s
+    locked = False
     async with BatchQueue(config.state_dir, drain=False) as queue:
         while pqids and time.monotonic() < deadline:
             statuses = await queue.call(queue.statuses, pqids)
             pqids = [p for p in pqids if statuses.get(p, ACKED) not in (ACKED, FAILED)]
-            if pqids:
-                await asyncio.sleep(0.5)
+            locked = bool(pqids) and drain_lock.try_acquire()
+            if locked or not pqids:
+                break
+            await asyncio.sleep(0.5)
+
+    if not locked:
+        return None
+    try:
+        return await drain_queue(config, retry_for_s=max(0.0, deadline - time.monotonic()))
+    finally:
+        drain_lock.release()
 
 
 async def serve(config: Config, *, every_s: float | None, stop: asyncio.Event) -> None:
