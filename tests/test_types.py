@@ -504,3 +504,22 @@ async def test_mysql_zero_and_partial_dates_arrive_as_they_are(
         assert (await run(config, t, "bag"))[t] == (0, 1, 0)
     finally:
         run_sql(db, f"DROP TABLE {t}")
+
+
+# --- network addresses ----------------------------------------------------------------------
+
+
+def test_inet_and_cidr_values_decode_to_their_own_kinds() -> None:
+    import ipaddress
+
+    values = [
+        ipaddress.ip_address("10.0.0.1"),
+        ipaddress.ip_interface("10.0.0.1/8"),
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_interface("2001:db8::1/64"),
+        ipaddress.ip_network("2001:db8::/32"),
+    ]
+    wire = [codec.encode_value(value) for value in values]
+    assert wire[1:3] == [{"$inet": "10.0.0.1/8"}, {"$cidr": "10.0.0.0/8"}]
+    assert [codec.decode_value(w) for w in wire] == values
+    assert all(same(codec.decode_value(w), v) for w, v in zip(wire, values, strict=True))

@@ -16,7 +16,8 @@ one-key object whose key names its kind and whose value is text:
     IntervalText           {"$interval": "1 mon 2 days 03:00:00"}  PostgreSQL's text
     Special("$date", "infinity")  {"$date": "infinity"}  a value no Python value stands for
     UUID                   {"$uuid": "0b5c...-..."}
-    IP address / network   {"$inet": "10.0.0.0/8"}
+    IP address / interface {"$inet": "10.0.0.1"} / {"$inet": "10.0.0.1/8"}   (inet)
+    IP network             {"$cidr": "10.0.0.0/8"}   (cidr)
     JsonText (json, jsonb) {"$json": "{\\"b\\": 2, \\"a\\": 1}"}  the database's text
     dict (parsed JSON)     {"$json": "{\\"a\\":1}"}  keys sorted
     list / tuple           [ ...wire values... ]     (PostgreSQL arrays)
@@ -150,6 +151,10 @@ def _inet(value: Any) -> Wire:
     return {"$inet": str(value)}
 
 
+def _cidr(value: Any) -> Wire:
+    return {"$cidr": str(value)}
+
+
 def _json(value: dict[str, Any]) -> Wire:
     return {"$json": orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()}
 
@@ -181,8 +186,8 @@ _ENCODERS: dict[type, Callable[[Any], Wire]] = {
     uuid.UUID: _uuid,
     ipaddress.IPv4Address: _inet,
     ipaddress.IPv6Address: _inet,
-    ipaddress.IPv4Network: _inet,
-    ipaddress.IPv6Network: _inet,
+    ipaddress.IPv4Network: _cidr,
+    ipaddress.IPv6Network: _cidr,
     ipaddress.IPv4Interface: _inet,
     ipaddress.IPv6Interface: _inet,
     dict: _json,
@@ -363,6 +368,7 @@ _DECODERS: dict[str, Callable[[str], Any]] = {
     "$inet": lambda text: (
         ipaddress.ip_interface(text) if "/" in text else ipaddress.ip_address(text)
     ),
+    "$cidr": ipaddress.ip_network,
     "$json": lambda text: json.loads(text, parse_float=Decimal),
 }
 
