@@ -6,6 +6,8 @@ asyncpg's defaults are right for most types; for these they are not:
   order would look changed: they come back as `codec.JsonText`, compared by content.
 - interval becomes a timedelta with a month folded into 30 days: it comes back as the
   server's text in IntervalStyle postgres ("1 mon"), as `codec.IntervalText`.
+- bit and bit varying become asyncpg's BitString, which the codec cannot carry: they come
+  back as the server's text of their bits ("1010"), a plain string.
 - date, timestamp and timestamptz map infinity onto 9999-12-31 and 0001-01-01, and raise on a
   year past 9999 or before 1; time and timetz raise on 24:00:00. They are decoded here from
   the binary form: the values Python can hold as asyncpg would, the others as
@@ -43,6 +45,8 @@ async def use_exact_codecs(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "interval", schema="pg_catalog", encoder=str, decoder=codec.IntervalText
     )
+    for name in ("bit", "varbit"):
+        await conn.set_type_codec(name, schema="pg_catalog", encoder=str, decoder=str)
     for name, encoder, decoder in _BINARY_CODECS:
         await conn.set_type_codec(
             name, schema="pg_catalog", format="tuple", encoder=encoder, decoder=decoder
