@@ -623,3 +623,66 @@ async def test_postgres_type_matrix(
         await check_matrix(db, t, store, make_config, expect)
     finally:
         run_sql(db, f"DROP TABLE {t}", f"DROP TYPE {t}_mood")
+
+
+MY_MATRIX = """CREATE TABLE {t} (
+    id int PRIMARY KEY, ti tinyint, tiu tinyint unsigned, si smallint, siu smallint unsigned,
+    mi mediumint, miu mediumint unsigned, ii int, iiu int unsigned, bi bigint,
+    biu bigint unsigned, d0 decimal(10,0), d2 decimal(12,2), d38 decimal(38,18),
+    du decimal(5,2) unsigned, fl float, db double, flag tinyint(1), bo boolean, bits bit(10),
+    b1 bit(1), ch char(5), vc varchar(20), tx text, lt longtext, bl blob, bn binary(4),
+    vb varbinary(8), d date, t time(6), dt datetime(6), dt0 datetime,
+    ts timestamp(6) NULL DEFAULT NULL, y year, js json, e enum('a', 'b c', '😀'),
+    s set('x', 'y')
+) CHARACTER SET utf8mb4"""
+MY_ROWS = [
+    """(1, -128, 0, -32768, 0, -8388608, 0, -2147483648, 0, -9223372036854775808, 0,
+        -9999999999, -9999999999.99, -12345678901234567890.123456789012345678, 0, -3.40282e38,
+        -1.7976931348623157e308, 0, false, b'0', b'0', 'a', 'naïve', 'line\ntwo', '', x'00ff',
+        x'DEADBEEF', x'', '1000-01-01', '-838:59:59', '1000-01-01 00:00:00',
+        '1000-01-01 00:00:00', '1970-01-01 00:00:01', 1901, '{"b":2,"a":[1,{"z":null}]}',
+        'a', '')""",
+    """(2, 127, 255, 32767, 65535, 8388607, 16777215, 2147483647, 4294967295,
+        9223372036854775807, 18446744073709551615, 9999999999, 9999999999.99,
+        0.000000000000000001, 999.99, 1.1, 0.1, 1, true, b'1111111111', b'1', 'ab   ',
+        '🍰🚀 €', REPEAT('x', 2000), REPEAT('🚀', 100), x'', x'DE', x'DEADBEEFDEADBEEF',
+        '9999-12-31', '838:59:59.000000', '9999-12-31 23:59:59.999999', '9999-12-31 23:59:59',
+        '2038-01-19 03:14:07.999999', 2155, '[]', '😀', 'x,y')""",
+    """(3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, -0.0, 2, NULL, NULL, NULL, '', '', '',
+        NULL, NULL, NULL, NULL, '2024-02-29', '00:00:00.000001', '2024-02-29 12:00:00.5',
+        NULL, NULL, 0, '"text"', 'b c', 'y')""",
+]
+
+
+async def test_mysql_type_matrix(
+    mysql_url: str, store: StoreServer, make_config: MakeConfig
+) -> None:
+    db = MysqlDb(mysql_url)
+    t = unique_name("mymatrix")
+    run_sql(db, MY_MATRIX.format(t=t))
+    try:
+        run_sql(db, f"INSERT INTO {t} VALUES {', '.join(MY_ROWS)}, (99{', NULL' * 36})")
+        await check_matrix(db, t, store, make_config, {})
+    finally:
+        run_sql(db, f"DROP TABLE {t}")
+
+
+SQLITE_MATRIX = """CREATE TABLE {t} (id INTEGER PRIMARY KEY, i INTEGER, r REAL, n NUMERIC,
+    dec DECIMAL(12,2), tx TEXT, b BLOB, bo BOOLEAN, d DATE, dt DATETIME, j JSON, x)"""
+SQLITE_ROWS = [
+    """(1, -9223372036854775808, -1.7976931348623157e308, '1.10', '100', 'naïve', x'DEADBEEF',
+        0, '2024-02-29', '2024-02-29 12:00:00', '{"b":2,"a":1}', -0.0)""",
+    """(2, 9223372036854775807, 9e999, 'abc', 0.1, '🍰🚀 €', x'', 1, '0000-00-00', '', '[]',
+        -9e999)""",
+    """(3, 0, 0.1, 12345678901234567890, '12345678901234567890.123456789012345678', '', x'00',
+        'yes', 20240229, 1.5, 'not json', x'ff')""",
+]
+
+
+async def test_sqlite_type_matrix(
+    tmp_path: Path, store: StoreServer, make_config: MakeConfig
+) -> None:
+    db = SqliteDb(tmp_path / "source.db")
+    run_sql(db, SQLITE_MATRIX.format(t="matrix"))
+    run_sql(db, f"INSERT INTO matrix VALUES {', '.join(SQLITE_ROWS)}, (99{', NULL' * 11})")
+    await check_matrix(db, "matrix", store, make_config, {})
