@@ -46,8 +46,9 @@ def _text(columns: Sequence[Column]) -> str:
 
 def has_crc32c(server_version: str) -> bool:
     """True for MariaDB 10.8 and later, which have CRC32C."""
-    match = re.match(r"(\d+)\.(\d+)", server_version)
-    if "mariadb" not in server_version.lower() or match is None:
+    # MariaDB announces itself as "5.5.5-10.11.19-MariaDB-..." to old clients.
+    match = re.search(r"(\d+)\.(\d+)\.\d+-MariaDB", server_version)
+    if match is None:
         return False
     return (int(match.group(1)), int(match.group(2))) >= (10, 8)
 
@@ -77,7 +78,8 @@ class HashSql:
     def sums(self, bits: int) -> str:
         bucket = f"{self.key_hash} >> {32 - bits}"
         inner = f"SELECT {bucket} AS b, {self.row_hash} AS h FROM {self.source}"
-        return f"SELECT b, COUNT(*), SUM(h) FROM ({inner}) s GROUP BY b"
+        # ORDER BY NULL: MariaDB would otherwise sort the groups it returns.
+        return f"SELECT b, COUNT(*), SUM(h) FROM ({inner}) s GROUP BY b ORDER BY NULL"
 
     def rows(self, bits: int, only: Sequence[int] | None) -> str:
         select = f"SELECT {self.key_hash} AS _manta_key_hash, t.* FROM {self.source}"
