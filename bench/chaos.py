@@ -486,7 +486,7 @@ async def audit_rows(lab: Lab, f: Findings, trial: str) -> None:
             missing = len(set(source) ^ set(store)) + abs(len(source) - len(store))
             f.lost_changes += missing
             f.problem(trial, f"{spec.name}: store differs from source by {missing} rows")
-            await lab.run_cli("main", "resync", spec.name)
+            await lab.run_cli("big" if spec is lab.specs["big"] else "main", "resync", spec.name)
 
 
 def audit_batches(lab: Lab, f: Findings, trial: str) -> None:
