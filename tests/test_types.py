@@ -15,7 +15,7 @@ import datetime as dt
 import json
 import math
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -503,6 +503,243 @@ async def test_mysql_zero_and_partial_dates_arrive_as_they_are(
         assert await run(config, t, "bag") == {t: (0, 0, 0), "bag": (0, 0, 0)}
         run_sql(db, f"UPDATE {t} SET d = NULL WHERE id = 1")
         assert (await run(config, t, "bag"))[t] == (0, 1, 0)
+    finally:
+        run_sql(db, f"DROP TABLE {t}")
+
+
+# --- special floats -------------------------------------------------------------------------
+
+SPECIAL_FLOATS = ["'NaN'", "'Infinity'", "'-Infinity'", "NULL", "'-0'", "0"]
+
+
+async def test_special_floats_are_themselves_and_distinct(
+    pg_url: str, store: StoreServer, make_config: MakeConfig
+) -> None:
+    db = PostgresDb(pg_url)
+    t = unique_name("floats")
+    run_sql(db, f"CREATE TABLE {t} (id int PRIMARY KEY, f8 double precision, f4 real)")
+    try:
+        values = ", ".join(f"({i}, {v}, {v})" for i, v in enumerate(SPECIAL_FLOATS, start=1))
+        run_sql(db, f"INSERT INTO {t} VALUES {values}")
+        config = make_config(store.url, db.url, {
+            t: keyed(f"SELECT * FROM {t}"), "bag": keyless(f"SELECT f8 FROM {t}"),
+        })  # fmt: skip
+        assert await run(config, t, "bag") == {t: (6, 0, 0), "bag": (6, 0, 0)}
+
+        # Each comes back as itself, never as NULL; -0.0 keeps its sign, as PostgreSQL does.
+        wire = await store_wire(store, t)
+        assert [row[1] for row in wire] == [
+            {"$float": "NaN"}, {"$float": "Infinity"}, {"$float": "-Infinity"}, None, -0.0, 0.0,
+        ]  # fmt: skip
+        source = await pg_rows(db.url, f"SELECT * FROM {t} ORDER BY id")
+        assert_cells(["id", "f8", "f4"], await store_values(store, t), source)
+        hashes = {codec.row_hash(codec.dumps([row[1]])) for row in wire}
+        assert len(hashes) == 6 and len(await store_wire(store, "bag")) == 6
+
+        # Unchanged: nothing. NaN becoming NULL is one update, -0 becoming 0 another.
+        assert await run(config, t, "bag") == {t: (0, 0, 0), "bag": (0, 0, 0)}
+        run_sql(db, f"UPDATE {t} SET f8 = NULL, f4 = NULL WHERE id = 1")
+        assert (await run(config, t, "bag"))[t] == (0, 1, 0)
+        run_sql(db, f"UPDATE {t} SET f8 = 0 WHERE id = 5")
+        assert (await run(config, t, "bag"))[t] == (0, 1, 0)
+    finally:
+        run_sql(db, f"DROP TABLE {t}")
+
+
+async def test_sqlite_infinities_and_negative_zero_are_themselves(
+    tmp_path: Path, store: StoreServer, make_config: MakeConfig
+) -> None:
+    # SQLite stores NaN as NULL, so NaN cannot be tested here; an untyped column keeps -0.0.
+    db = SqliteDb(tmp_path / "source.db")
+    run_sql(db, "CREATE TABLE f (id INTEGER PRIMARY KEY, x)")
+    db.executemany("INSERT INTO f VALUES (?, ?)", [
+        (1, math.inf), (2, -math.inf), (3, None), (4, -0.0), (5, 0.0),
+    ])  # fmt: skip
+    config = make_config(store.url, db.url, {"f": keyed("SELECT * FROM f")})
+    assert await run(config, "f") == {"f": (5, 0, 0)}
+    wire = await store_wire(store, "f")
+    assert [row[1] for row in wire] == [
+        {"$float": "Infinity"}, {"$float": "-Infinity"}, None, -0.0, 0.0,
+    ]  # fmt: skip
+    assert_cells(["id", "x"], await store_values(store, "f"), sqlite_rows(db, "SELECT * FROM f"))
+    assert await run(config, "f") == {"f": (0, 0, 0)}
+
+
+# --- composite keys -------------------------------------------------------------------------
+
+
+async def test_composite_keys_never_run_together(
+    any_db: SourceDb, store: StoreServer, make_config: MakeConfig
+) -> None:
+    db = any_db
+    docs, pairs = unique_name("lines"), unique_name("pairs")
+    run_sql(db, f"CREATE TABLE {docs} (doc varchar(20), line varchar(20), v int)",
+            f"CREATE TABLE {pairs} (a int, b int, v int)")  # fmt: skip
+    try:
+        run_sql(db, f"INSERT INTO {docs} VALUES ('doc-7', '12', 1), ('doc-71', '2', 2)",
+                f"INSERT INTO {pairs} VALUES (1, 23, 1), (12, 3, 2)")  # fmt: skip
+        config = make_config(store.url, db.url, {
+            docs: keyed(f"SELECT * FROM {docs}", ["doc", "line"]),
+            pairs: keyed(f"SELECT * FROM {pairs}", ["a", "b"]),
+        })  # fmt: skip
+        assert await run(config, docs, pairs) == {docs: (2, 0, 0), pairs: (2, 0, 0)}
+        assert sorted(await store_wire(store, docs)) == [["doc-7", "12", 1], ["doc-71", "2", 2]]
+        assert sorted(await store_wire(store, pairs)) == [[1, 23, 1], [12, 3, 2]]
+
+        # Deleting one key deletes only it.
+        run_sql(db, f"DELETE FROM {docs} WHERE doc = 'doc-7'",
+                f"DELETE FROM {pairs} WHERE a = 12")  # fmt: skip
+        assert await run(config, docs, pairs) == {docs: (0, 0, 1), pairs: (0, 0, 1)}
+        assert await store_wire(store, docs) == [["doc-71", "2", 2]]
+        assert await store_wire(store, pairs) == [[1, 23, 1]]
+    finally:
+        run_sql(db, f"DROP TABLE {docs}", f"DROP TABLE {pairs}")
+
+
+# --- duplicate and NULL keys ----------------------------------------------------------------
+
+
+async def test_duplicate_and_null_keys_fail_the_table_and_keep_the_last_state(
+    any_db: SourceDb, store: StoreServer, make_config: MakeConfig
+) -> None:
+    db = any_db
+    orders, lines, codes = unique_name("orders"), unique_name("lines"), unique_name("codes")
+    run_sql(db, f"CREATE TABLE {orders} (id int PRIMARY KEY, total int)",
+            f"CREATE TABLE {lines} (order_id int, sku varchar(10))",
+            f"CREATE TABLE {codes} (code varchar(10), v int)")  # fmt: skip
+    try:
+        run_sql(db, f"INSERT INTO {orders} VALUES (1, 10), (2, 20), (3, 30)",
+                f"INSERT INTO {lines} VALUES (1, 'a'), (2, 'b')",
+                f"INSERT INTO {codes} VALUES ('x', 1), (NULL, 2)")  # fmt: skip
+        joined = (f"SELECT o.id, o.total, l.sku FROM {orders} o "
+                  f"LEFT JOIN {lines} l ON l.order_id = o.id")  # fmt: skip
+        config = make_config(store.url, db.url, {
+            "joined": keyed(joined), "codes": keyed(f"SELECT * FROM {codes}", ["code"]),
+        })  # fmt: skip
+        assert await run(config, "joined", "codes") == {"joined": (3, 0, 0), "codes": (2, 0, 0)}
+        before = {name: await store_wire(store, name) for name in ("joined", "codes")}
+
+        # A second line makes the join return order 2 twice; a second NULL code, two NULL keys.
+        run_sql(db, f"INSERT INTO {lines} VALUES (2, 'c')", f"UPDATE {orders} SET total = 11",
+                f"INSERT INTO {codes} VALUES (NULL, 3)")  # fmt: skip
+        report = await agent.run_once(config, ["joined", "codes"])
+        assert report.exit_code == agent.EXIT_TABLE_FAILED
+        assert report.sync is not None
+        errors = {o.table: o.error or "" for o in report.sync.tables}
+        assert "key id = [2] occurs 2 times" in errors["joined"]
+        assert "key code = [null] occurs 2 times" in errors["codes"]
+        assert "nothing was sent" in errors["joined"]
+        assert report.counts.get("pending", 0) == 0
+        assert report.drain is not None and report.drain.applied == 0
+        assert {name: await store_wire(store, name) for name in before} == before
+
+        # Fixed, the next run sends exactly what changed since the last good run.
+        run_sql(db, f"DELETE FROM {lines} WHERE sku = 'c'", f"DELETE FROM {codes} WHERE v = 3")
+        assert await run(config, "joined", "codes") == {"joined": (0, 3, 0), "codes": (0, 0, 0)}
+    finally:
+        run_sql(db, f"DROP TABLE {orders}", f"DROP TABLE {lines}", f"DROP TABLE {codes}")
+
+
+# --- MySQL TIMESTAMP and the server's time zone ---------------------------------------------
+
+
+def zone_tables_loaded() -> bool:
+    return bool(my_rows("SELECT count(*) FROM mysql.time_zone_name")[0][0])
+
+
+def load_zone_tables() -> None:
+    """Load the server's named time zones from the system's zoneinfo, as the docs say to."""
+    import subprocess
+
+    sql = subprocess.run(["mariadb-tzinfo-to-sql", "/usr/share/zoneinfo"], check=True,
+                         capture_output=True).stdout  # fmt: skip
+    subprocess.run(["mariadb", "-h127.0.0.1", "-uroot", "mysql"], input=sql, check=True,
+                   capture_output=True)  # fmt: skip
+
+
+@pytest.fixture
+def server_zone(mysql_url: str) -> Iterator[Callable[[str], None]]:
+    """Set the server's global time_zone for the test; the old one comes back afterwards."""
+    if not zone_tables_loaded():
+        load_zone_tables()
+    (old,) = my_rows("SELECT @@GLOBAL.time_zone")[0]
+
+    def set_zone(zone: str) -> None:
+        my_execute(f"SET GLOBAL time_zone = '{zone}'")
+
+    yield set_zone
+    set_zone(old)
+
+
+async def test_mysql_timestamp_keeps_instants_whatever_the_server_zone(
+    mysql_url: str, server_zone: Callable[[str], None], store: StoreServer, make_config: MakeConfig
+) -> None:
+    db = MysqlDb(mysql_url)
+    t = unique_name("instants")
+    server_zone("Europe/Berlin")
+    run_sql(db, f"CREATE TABLE {t} (id int PRIMARY KEY, at TIMESTAMP(6) NULL DEFAULT NULL)")
+    try:
+        # 00:30 and 01:30 UTC are both 02:30 in Berlin on 2024-10-27, when clocks go back.
+        run_sql(db, f"INSERT INTO {t} VALUES (1, '2024-10-27 00:30:00'), "
+                    f"(2, '2024-10-27 01:30:00'), (3, NULL)")  # fmt: skip
+        config = make_config(store.url, db.url, {t: keyed(f"SELECT * FROM {t}")})
+        assert await run(config, t) == {t: (3, 0, 0)}
+        stored = await store_values(store, t)
+        assert [row[1] for row in stored] == [
+            dt.datetime(2024, 10, 27, 0, 30), dt.datetime(2024, 10, 27, 1, 30), None,
+        ]  # fmt: skip
+        assert_cells(["id", "at"], stored, my_rows(f"SELECT * FROM {t} ORDER BY id"))
+
+        # Another zone for the server: the same instants, so nothing to send.
+        server_zone("America/New_York")
+        assert await run(config, t) == {t: (0, 0, 0)}
+        server_zone("+05:30")
+        assert await run(config, t) == {t: (0, 0, 0)}
+    finally:
+        run_sql(db, f"DROP TABLE {t}")
+
+
+# --- binary strings -------------------------------------------------------------------------
+
+BINARY = {
+    "sqlite": "CREATE TABLE {t} (k BLOB, v BLOB)",
+    "postgres": "CREATE TABLE {t} (k bytea, v bytea)",
+    "mariadb": "CREATE TABLE {t} (k BINARY(16), v VARBINARY(8))",
+}
+BINARY_LITERALS = {
+    "sqlite": ("x'DEADBEEF'", "x''"),
+    "postgres": ("'\\xDEADBEEF'::bytea", "''::bytea"),
+    "mariadb": ("x'DEADBEEF'", "x''"),
+}
+
+
+async def test_binary_strings_arrive_byte_for_byte(
+    any_db: SourceDb, store: StoreServer, make_config: MakeConfig
+) -> None:
+    db = any_db
+    t = unique_name("bytes")
+    run_sql(db, BINARY[db.kind].format(t=t))
+    try:
+        beef, empty = BINARY_LITERALS[db.kind]
+        run_sql(db, f"INSERT INTO {t} VALUES ({beef}, {beef}), ({empty}, {empty}), (NULL, NULL)")
+        config = make_config(store.url, db.url, {t: keyed(f"SELECT * FROM {t}", ["k"])})
+        assert await run(config, t) == {t: (3, 0, 0)}
+
+        # A value is the bytes the database holds: BINARY(16) pads with zeros, the others not.
+        stored = sorted(await store_values(store, t), key=lambda row: (row[1] is None, row[1]))
+        source = await source_rows(db, f"SELECT * FROM {t}")
+        source = sorted(source, key=lambda row: (row[1] is None, row[1]))
+        assert_cells(["k", "v"], stored, source)
+        assert [row[1] for row in stored] == [b"", b"\xde\xad\xbe\xef", None]
+        width = 16 if db.kind == "mariadb" else 0
+        assert stored[1][0] == b"\xde\xad\xbe\xef".ljust(width, b"\x00")
+        assert stored[0][0] == b"".ljust(width, b"\x00")
+
+        # Unchanged: nothing. Deleting the empty one deletes only it.
+        assert await run(config, t) == {t: (0, 0, 0)}
+        run_sql(db, f"DELETE FROM {t} WHERE v = {empty}")
+        assert await run(config, t) == {t: (0, 0, 1)}
+        assert len(await store_wire(store, t)) == 2
     finally:
         run_sql(db, f"DROP TABLE {t}")
 
