@@ -17,6 +17,7 @@ from manta_async.errors import StateError
 from manta_async.store import StoreServer
 from tests.conftest import MakeConfig
 from tests.dbs import SqliteDb
+from tests.test_sync import store_rows
 
 SQL = "SELECT id, name FROM items"
 
@@ -63,3 +64,33 @@ async def test_a_damaged_state_file_is_one_line_saying_what_to_do(
     message = str(raised.value)
     assert "\n" not in message
     assert "is damaged" in message and "aside" in message and "resync" in message
+
+
+@pytest.mark.parametrize("damaged", ["index.db", "queue/data.db"])
+async def test_an_emptied_state_file_is_found_and_resync_loses_nothing(
+    damaged: str, tmp_path: Path, store: StoreServer, make_config: MakeConfig
+) -> None:
+    db = SqliteDb(tmp_path / "source.db")
+    db.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)")
+    db.executemany("INSERT INTO items VALUES (?, ?)", [(i, f"item {i}") for i in range(50)])
+    config = make_config(store.url, db.url, {"items": {"sql": SQL, "key": ["id"]}},
+                         batch_rows=10)  # fmt: skip
+    assert (await agent.run_once(config, ["items"])).exit_code == agent.EXIT_OK
+
+    # Changes wait in the queue (the store was not reached) when the file loses its bytes.
+    db.execute("UPDATE items SET name = 'changed' WHERE id < 25")
+    await agent.run_once(config, ["items"], drain=False)
+    path = config.state_dir / damaged
+    path.write_bytes(b"")
+
+    with pytest.raises(StateError) as raised:
+        await agent.run_once(config, ["items"])
+    message = str(raised.value)
+    assert "is empty" in message and "aside" in message and "resync" in message
+
+    # The documented recovery: move it aside, resync every table.
+    aside = path.parent if damaged.startswith("queue") else path
+    aside.rename(aside.with_name(aside.name + ".damaged"))
+    await agent.mark_resync(config, ["items"])
+    assert (await agent.run_once(config, ["items"])).exit_code == agent.EXIT_OK
+    assert await store_rows(store, "items") == db.encoded_rows(SQL)

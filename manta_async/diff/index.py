@@ -119,7 +119,15 @@ class Index:
 
     def _open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and self.path.stat().st_size == 0:
+            # SQLite would take an emptied file for a new index and forget every table.
+            raise StateError(
+                f"the index {self.path} is empty (0 bytes), so it was truncated; move it aside "
+                "and run 'manta-async resync' for every table to rebuild it from the sources"
+            )
         try:
+            if not self.path.exists():
+                self._create_file()
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
             # Set before the first table exists: lets the outbox give back its pages.
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
@@ -142,6 +150,18 @@ class Index:
                 "'manta-async resync' for every table to rebuild it from the sources"
             ) from exc
         self._conn = conn
+
+    def _create_file(self) -> None:
+        # Made aside and renamed: a crash or a full disk never leaves an empty index.db, which
+        # would mean damage.
+        new = self.path.with_name(self.path.name + ".new")
+        conn = sqlite3.connect(new)
+        try:
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            conn.execute("PRAGMA journal_mode=WAL")
+        finally:
+            conn.close()
+        new.replace(self.path)
 
     def _close(self) -> None:
         if self._conn is not None:

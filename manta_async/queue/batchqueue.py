@@ -140,6 +140,14 @@ class BatchQueue:
             ) from exc
 
     def _open(self) -> None:
+        data = self.path / "data.db"
+        if data.exists() and data.stat().st_size == 0:
+            # SQLite would take an emptied file for a new queue: its batches would be lost.
+            raise StateError(
+                f"the queue {data} is empty (0 bytes), so it was truncated and the batches it "
+                f"held are gone; move the folder {self.path} aside and run 'manta-async "
+                "resync' for every table"
+            )
         try:
             self._create_file()
             self._queue = _DurableAckQueue(
@@ -177,12 +185,15 @@ class BatchQueue:
         if data.exists():
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(data)
+        # Made aside and renamed: a crash never leaves an empty data.db, which means damage.
+        new = self.path / "data.db.new"
+        conn = sqlite3.connect(new)
         try:
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("VACUUM")
         finally:
             conn.close()
+        new.replace(data)
 
     def _close(self) -> None:
         if self._queue is not None:
