@@ -341,11 +341,16 @@ def move_state(lab: Lab, target: Path) -> None:
 
 
 async def corrupt(lab: Lab, f: Findings, o: Options) -> None:
+    # Damage with batches still waiting in the queue: the case where a lost queue would lose
+    # changes unless it is noticed.
     await lab.mutator.burst(lab.rng.randint(5, o.burst))
     await lab.run_once("main")
+    await lab.mutator.burst(lab.rng.randint(5, o.burst))
+    await lab.run_once("main", "--no-upload")
     backup = lab.work / "state-backup"
     shutil.copytree(lab.state_dir, backup)
-    damage = lab.rng.choice(["index:truncate", "index:garbage", "queue:truncate", "queue:garbage"])
+    damage = lab.rng.choice([f"{file}:{how}" for file in ("index", "queue")
+                             for how in ("truncate", "garbage", "empty")])  # fmt: skip
     target = lab.state_dir / ("index.db" if damage.startswith("index") else "queue/data.db")
     spoil(target, damage.split(":")[1], lab.rng)
 
@@ -371,7 +376,9 @@ async def damaged_run(lab: Lab, f: Findings, target: Path, damage: str) -> None:
 
 def spoil(path: Path, how: str, rng: random.Random) -> None:
     data = bytearray(path.read_bytes())
-    if how == "truncate":
+    if how == "empty":
+        data = bytearray()
+    elif how == "truncate":
         data = data[: max(4096, len(data) // 2 // 4096 * 4096) - 1000]
     else:
         start = rng.randrange(1, max(2, len(data) // 4096)) * 4096 if len(data) > 4096 else 100
