@@ -130,7 +130,9 @@ class MysqlDb:
         try:
             with conn.cursor() as cur:
                 cur.execute(sql)
-                return sorted(codec.dumps(codec.encode_row(_plain(r))) for r in cur.fetchall())
+                tags = [_DATE_TAGS.get(column[1]) for column in cur.description or ()]
+                rows = [_plain(row, tags) for row in cur.fetchall()]
+                return sorted(codec.dumps(codec.encode_row(row)) for row in rows)
         finally:
             conn.close()
 
@@ -138,8 +140,20 @@ class MysqlDb:
         return "%s"
 
 
-def _plain(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    return tuple(bytes(v) if isinstance(v, bytearray) else v for v in row)
+# PyMySQL returns a zero date as the server's text; the extractor marks it with its tag. The
+# keys are the protocol's type codes of DATE, NEWDATE, TIMESTAMP and DATETIME.
+_DATE_TAGS = {10: "$date", 14: "$date", 7: "$ts", 12: "$ts"}
+
+
+def _plain(row: tuple[Any, ...], tags: list[str | None]) -> tuple[Any, ...]:
+    return tuple(
+        bytes(v)
+        if isinstance(v, bytearray)
+        else codec.Special(tag, v)
+        if tag is not None and isinstance(v, str)
+        else v
+        for v, tag in zip(row, tags, strict=True)
+    )
 
 
 def _loop_running() -> bool:

@@ -498,6 +498,7 @@ async def test_mysql_zero_and_partial_dates_arrive_as_they_are(
         source = my_rows(f"SELECT * FROM {t} ORDER BY id")
         assert_cells(["id", "d", "dt", "ts"], await store_values(store, t), source)
         assert len(await store_wire(store, "bag")) == 5
+        assert sorted(codec.dumps(row) for row in wire) == db.encoded_rows(f"SELECT * FROM {t}")
 
         # Unchanged: nothing to send. A zero date becoming NULL is one change.
         assert await run(config, t, "bag") == {t: (0, 0, 0), "bag": (0, 0, 0)}
