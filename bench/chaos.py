@@ -108,7 +108,12 @@ async def store_kill(lab: Lab, f: Findings, o: Options) -> None:
     await lab.mutator.burst(lab.rng.randint(5, o.burst))
     await lab.script([])
     sent = len(await lab.proxy_log())
-    child = await lab.agent("large", "run", "--once")
+    # A third of the time the batches are the parts of full resends, which the store swaps in
+    # at the last part.
+    resync = lab.rng.random() < 1 / 3
+    tables = [lab.specs[k].name for k in ("items", "tags", "wide")]
+    args = ["resync", *tables] if resync else ["run", "--once"]
+    child = await lab.agent("large", *args)
     hit = await until_requests(lab, sent + lab.rng.randint(1, 3), child, timeout_s=20)
     await asyncio.sleep(lab.rng.uniform(0.0, 0.12))
     lab.kill_store()
@@ -116,7 +121,8 @@ async def store_kill(lab: Lab, f: Findings, o: Options) -> None:
     await asyncio.sleep(lab.rng.uniform(0.0, 1.0))
     await lab.start_store()
     result = await lab.finish(child)
-    f.exit_codes[f"store-kill:{'in flight' if hit else 'idle'}:{result.code}"] += 1
+    what = f"{'resync' if resync else 'run'}:{'in flight' if hit else 'idle'}"
+    f.exit_codes[f"store-kill {what}:{result.code}"] += 1
 
 
 async def until_requests(lab: Lab, count: int, child: Child, timeout_s: float) -> bool:
@@ -181,10 +187,12 @@ async def overlap(lab: Lab, f: Findings, o: Options) -> None:
             if code not in (EXIT_OK, 3, EXIT_LOCKED):
                 f.problem("overlap", f"a cron run next to serve exited {code}")
 
-    serve.kill(signal.SIGTERM)
+    # Half the time serve is killed mid-work instead of asked to stop.
+    stop = lab.rng.choice([signal.SIGTERM, signal.SIGKILL])
+    serve.kill(stop)
     result = await lab.finish(serve, timeout_s=60)
-    f.exit_codes[f"overlap serve:{result.code}"] += 1
-    if result.code != EXIT_OK:
+    f.exit_codes[f"overlap serve:{'killed' if result.killed else result.code}"] += 1
+    if stop == signal.SIGTERM and result.code != EXIT_OK:
         f.problem("overlap", f"serve exited {result.code} on SIGTERM: {last_line(result.stderr)}")
 
 

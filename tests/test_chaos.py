@@ -36,7 +36,8 @@ async def test_every_fault_kind_keeps_the_delivery_guarantee(kind: str) -> None:
     assert any(k.startswith("kill-point ") and k.endswith(":killed") for k in codes)
     assert codes["poison:4,4,0,0"] == 1
     assert codes["source-drop:dropped:5"] == 1
-    assert codes["overlap run --once:6"] >= 1 and codes["overlap serve:0"] == 1
+    assert codes["overlap run --once:6"] >= 1
+    assert codes["overlap serve:0"] + codes["overlap serve:killed"] == 1
     assert codes["store-down:0"] == 1
-    assert any(k.startswith("store-kill:in flight:") for k in codes)
+    assert any(k.startswith("store-kill ") and ":in flight:" in k for k in codes)
     assert not any(k.startswith("disk-full:skipped") for k in codes)
