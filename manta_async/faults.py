@@ -7,7 +7,8 @@ so no cleanup code runs, as on a power cut; elsewhere the process exits at once.
 
 The points, in the order a run passes them:
 
-    fetched           a chunk of rows was read from a source, before the index saw it
+    fetched           a chunk of rows (or of bucket sums) was read from a source, before
+                      the index saw it
     index-committed   a table's index and outbox were committed, before any batch was queued
     queued            a batch was put into the queue, before the outbox forgot it
     uploaded          the store answered that it applied a batch, before the queue acked it

@@ -36,6 +36,7 @@ import orjson
 from manta_async.diff.differ import DiffStats, TableDiff
 from manta_async.diff.index import Index
 from manta_async.extract.base import BucketRead, BucketSum, Row
+from manta_async.faults import crash_point
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,8 @@ async def _plan(read: BucketRead, stored: BucketSums | None) -> _Plan:
         bits = stored.bits
     new = BucketSums.empty(bits)
     async for chunk in read.sums(bits):
+        # Read from the source before the index saw it, like a chunk of rows.
+        crash_point("fetched")
         new.add(chunk)
 
     if stored is None or stored.bits < bits:

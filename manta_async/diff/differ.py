@@ -267,18 +267,20 @@ class TableDiff:
         # Key bytes → (row bytes, row hash, how often the key occurs in this chunk, key hash).
         entries: dict[bytes, tuple[bytes, bytes, int, int | None]] = {}
         key_pos = self._key_pos
-        key_hash = None
-        for i, source_row in enumerate(rows):
-            if key_hashes is not None:
-                key_hash = key_hashes[i]
-            wire = codec.encode_row(source_row)
-            row = codec.dumps(wire)
-            digest = codec.row_hash(row)
+        # The loop runs once per row of the table: its functions are looked up once.
+        encode_row, dumps, row_hash, key_bytes = (
+            codec.encode_row, codec.dumps, codec.row_hash, codec.key_bytes
+        )
+        hashes = [None] * len(rows) if key_hashes is None else key_hashes
+        for source_row, key_hash in zip(rows, hashes, strict=True):
+            wire = encode_row(source_row)
+            row = dumps(wire)
+            digest = row_hash(row, wire)
             if key_pos is None:
                 wire_key: Any = digest.hex()
             else:
-                wire_key = [wire[i] for i in key_pos]
-            key = codec.key_bytes(wire_key)
+                wire_key = [wire[p] for p in key_pos]
+            key = key_bytes(wire_key)
             previous = entries.get(key)
             count = 1 if previous is None else previous[2] + 1
             entries[key] = (row, digest, count, key_hash)
