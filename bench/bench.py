@@ -283,6 +283,8 @@ class Figure:
     rows: int
     peak_mb: float
     sent_bytes: int | None = None
+    diff_s: float | None = None
+    """The agent's own figure for reading and diffing the table, out of `seconds`."""
 
 
 @dataclass
@@ -294,6 +296,14 @@ class Counter:
 
 async def timed(argv: list[str], stdout: Path | None = None) -> tuple[float, float]:
     """Run one step as a process; return its wall time and peak RSS in MB."""
+    seconds, peak, _ = await timed_with_log(argv, stdout)
+    return seconds, peak
+
+
+async def timed_with_log(
+    argv: list[str], stdout: Path | None = None
+) -> tuple[float, float, str]:
+    """Run one step as a process; return its wall time, peak RSS in MB and stderr."""
     report = tempfile.NamedTemporaryFile(suffix=".time", delete=False)
     report.close()
     command = ["/usr/bin/time", "-f", "%e %M", "-o", report.name, *argv]
@@ -313,7 +323,13 @@ async def timed(argv: list[str], stdout: Path | None = None) -> tuple[float, flo
         raise SystemExit(f"step failed ({process.returncode}): {' '.join(argv)}\n"
                          f"{stderr.decode()[-3000:]}")  # fmt: skip
     peak_kb = int(text.split()[-1])
-    return seconds, peak_kb / 1024
+    return seconds, peak_kb / 1024, stderr.decode(errors="replace")
+
+
+def diff_s(log: str) -> float | None:
+    """The seconds the agent logged for reading and diffing the table."""
+    match = re.search(r"rows read, .* batches \((\d+\.\d+)s\)", log)
+    return float(match.group(1)) if match else None
 
 
 def free_port() -> int:
@@ -350,7 +366,7 @@ async def start_proxy(target: str, counter: Counter) -> web.AppRunner:
 def write_config(path: Path, store_url: str, source_url: str, hash_in_source: bool) -> None:
     path.write_text(
         "\n".join([
-            "[agent]", f'name = "{AGENT}"', 'state_dir = "state"', 'log_level = "WARNING"',
+            "[agent]", f'name = "{AGENT}"', 'state_dir = "state"', 'log_level = "INFO"',
             "[store]", f'url = "{store_url}"', f'token = "{TOKEN}"',
             "[sources.db]", f'url = "{source_url}"',
             f"[tables.{TABLE}]", 'source = "db"', 'key = ["id"]', f'sql = "{SQL}"',
@@ -455,32 +471,34 @@ class Bench:
         shutil.rmtree(folder / "state", ignore_errors=True)
         agent = [PYTHON, "-m", "manta_async", "-c"]
 
-        seconds, peak = await timed([*agent, str(direct), "run", "--once"])
-        self.figures.append(Figure(kind, "first", seconds, self.rows, peak))
+        seconds, peak, log = await timed_with_log([*agent, str(direct), "run", "--once"])
+        self.figures.append(Figure(kind, "first", seconds, self.rows, peak, None, diff_s(log)))
 
         counter.bytes = 0
-        seconds, peak = await timed([*agent, str(counted), "run", "--once"])
-        self.figures.append(Figure(kind, "unchanged", seconds, self.rows, peak, counter.bytes))
+        seconds, peak, log = await timed_with_log([*agent, str(counted), "run", "--once"])
+        self.figures.append(Figure(kind, "unchanged", seconds, self.rows, peak, counter.bytes,
+                                   diff_s(log)))  # fmt: skip
 
         if self.stream and kind != "sqlite":
             streamed = folder / "streamed.toml"
             write_config(streamed, store_url, source_url, False)
-            seconds, peak = await timed([*agent, str(streamed), "run", "--once"])
-            self.figures.append(Figure(kind, "unchanged, stream", seconds, self.rows, peak))
+            seconds, peak, log = await timed_with_log([*agent, str(streamed), "run", "--once"])
+            self.figures.append(Figure(kind, "unchanged, stream", seconds, self.rows, peak,
+                                       None, diff_s(log)))  # fmt: skip
 
         changed = await asyncio.to_thread(churn, kind, self.rows, lite)
         counter.bytes = 0
-        seconds, peak = await timed([*agent, str(counted), "run", "--once"])
+        seconds, peak, log = await timed_with_log([*agent, str(counted), "run", "--once"])
         self.figures.append(Figure(kind, f"churn ({changed} rows)", seconds, self.rows, peak,
-                                   counter.bytes))  # fmt: skip
+                                   counter.bytes, diff_s(log)))  # fmt: skip
 
 
 # --- the table -------------------------------------------------------------------------------
 
 
 def render(bench: Bench) -> str:
-    head = ("db", "step", "seconds", "rows/s", "peak MB", "× export", "× fetch", "sent bytes",
-            "sent / dump")  # fmt: skip
+    head = ("db", "step", "seconds", "diff s", "rows/s", "peak MB", "× export", "× fetch",
+            "sent bytes", "sent / dump")  # fmt: skip
     lines = [head]
     base = {(f.db, f.step): f.seconds for f in bench.figures}
     for f in bench.figures:
@@ -488,7 +506,8 @@ def render(bench: Bench) -> str:
         sent = "" if f.sent_bytes is None else f"{f.sent_bytes:,}"
         share = "" if f.sent_bytes is None or not dump else f"{f.sent_bytes / dump:.3%}"
         lines.append((
-            f.db, f.step, f"{f.seconds:.2f}", f"{f.rows / f.seconds:,.0f}", f"{f.peak_mb:.0f}",
+            f.db, f.step, f"{f.seconds:.2f}", "" if f.diff_s is None else f"{f.diff_s:.2f}",
+            f"{f.rows / f.seconds:,.0f}", f"{f.peak_mb:.0f}",
             f"{f.seconds / base[(f.db, 'export')]:.2f}", f"{f.seconds / base[(f.db, 'fetch')]:.2f}",
             sent, share,
         ))  # fmt: skip
