@@ -96,6 +96,8 @@ class BucketSums:
     def differing(self, other: BucketSums) -> list[int]:
         """The buckets whose count or sum differ; both must have the same number of them."""
         assert self.bits == other.bits
+        if self.counts == other.counts and self.sums == other.sums:
+            return []
         pairs = zip(self.counts, other.counts, self.sums, other.sums, strict=True)
         return [b for b, (n1, n2, s1, s2) in enumerate(pairs) if n1 != n2 or s1 != s2]
 
