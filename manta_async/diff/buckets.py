@@ -181,6 +181,9 @@ async def diff_by_buckets(
         rows = read.rows(plan.bits, plan.dirty, chunk_rows) if plan.dirty else _no_rows()
 
     def commit() -> DiffStats:
+        # Built once the rows are in: faster than growing it row by row on a first run.
+        idx = diff.idx_table
+        index.conn.execute(f"CREATE INDEX IF NOT EXISTS {idx}_key_hash ON {idx} (key_hash)")
         save_sums(index.conn, diff, plan.new)
         return diff.commit()
 
@@ -190,13 +193,12 @@ async def diff_by_buckets(
 
 
 def _prepare(index: Index, diff: TableDiff) -> BucketSums | None:
-    # Inside the run's transaction: the index rows get their key hash, searchable by range.
+    # Inside the run's transaction: the index rows get a column for their key hash.
     conn = index.conn
     idx = diff.idx_table
     names = [row[1] for row in conn.execute(f"PRAGMA table_info({idx})")]
     if "key_hash" not in names:
         conn.execute(f"ALTER TABLE {idx} ADD COLUMN key_hash INTEGER")
-    conn.execute(f"CREATE INDEX IF NOT EXISTS {idx}_key_hash ON {idx} (key_hash)")
     return load_sums(conn, diff)
 
 
