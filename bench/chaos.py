@@ -304,7 +304,10 @@ async def full_disk_run(lab: Lab, f: Findings, o: Options, mount: Path, size_kb:
     if lab.index_ahead_of_queue():
         f.problem("disk-full", "the index moved past what was queued")
 
+    # Free space: the filler goes, and the disk grows, since the failed run's files (the
+    # outbox, write-ahead logs) may now take more than the filler gave back.
     filler.unlink()
+    grow(mount, size_kb * 2 + 16384)
     again = await lab.run_once("main")
     if again.code != EXIT_OK:
         f.problem("disk-full", f"no recovery once space was freed: {last_line(again.stderr)}")
@@ -320,6 +323,10 @@ def mount_tmpfs(mount: Path, size_kb: int) -> bool:
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mount)],
                           capture_output=True)  # fmt: skip
     return done.returncode == 0
+
+
+def grow(mount: Path, size_kb: int) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size_kb}k", str(mount)], check=True)
 
 
 def unmount(mount: Path) -> None:
