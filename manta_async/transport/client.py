@@ -75,6 +75,17 @@ class StoreClient:
                 return self._answer(response, body, where)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise TransportError(f"could not send {where}: {_reason(exc)}") from exc
+        except RejectedError as exc:
+            if exc.status != 409:
+                raise
+            # The store lost batches, or this agent's index was reset: only a full resend
+            # brings the two together again.
+            raise RejectedError(
+                f"{exc}; the store and this agent disagree on the table's sequence: send it "
+                f"again in full with 'manta-async resync {table}'",
+                exc.status,
+                fatal=False,
+            ) from exc
 
     async def health(self) -> None:
         """Raise TransportError or RejectedError unless the store answers and takes the token."""
