@@ -282,7 +282,7 @@ def table_specs(prefix: str) -> dict[str, TableSpec]:
         ),
         "big": TableSpec(
             f"{p}_big",
-            f"CREATE TABLE {p}_big (id INT PRIMARY KEY, v VARCHAR(200) NOT NULL)",
+            f"CREATE TABLE {p}_big (id INT PRIMARY KEY, v VARCHAR(500) NOT NULL)",
             f"SELECT id, v FROM {p}_big",
             ["id"],
         ),
@@ -323,7 +323,9 @@ class Mutator:
         )
         await self.source.executemany(
             f"INSERT INTO {s['big'].name} VALUES (?, ?)",
-            [(i, f"v{i}".ljust(120, ".")) for i in range(big)],
+            # Long enough rows that the result outgrows the socket buffers: the server is
+            # still sending when the harness ends the session.
+            [(i, f"v{i}".ljust(400, ".")) for i in range(big)],
         )
 
     async def drop(self) -> None:
