@@ -300,9 +300,7 @@ async def timed(argv: list[str], stdout: Path | None = None) -> tuple[float, flo
     return seconds, peak
 
 
-async def timed_with_log(
-    argv: list[str], stdout: Path | None = None
-) -> tuple[float, float, str]:
+async def timed_with_log(argv: list[str], stdout: Path | None = None) -> tuple[float, float, str]:
     """Run one step as a process; return its wall time, peak RSS in MB and stderr."""
     report = tempfile.NamedTemporaryFile(suffix=".time", delete=False)
     report.close()
@@ -541,6 +539,8 @@ async def main(argv: Sequence[str]) -> int:
     try:
         for kind in kinds:
             await bench.run(kind)
+            # A long benchmark shows each database's figures as soon as they are known.
+            print(render(bench), file=sys.stderr)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
