@@ -46,9 +46,11 @@ class _FullOn:
 
 @contextmanager
 def index_full_on(prefix: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    real = Index.conn
+    real: property = Index.__dict__["conn"]
+    assert real.fget is not None
+    get = real.fget
     with monkeypatch.context() as patch:
-        patch.setattr(Index, "conn", property(lambda self: _FullOn(real.fget(self), prefix)))
+        patch.setattr(Index, "conn", property(lambda self: _FullOn(get(self), prefix)))
         yield
 
 
@@ -106,7 +108,7 @@ async def test_full_disk_when_acking_a_delivered_batch_is_one_error_and_sends_it
 
 def full_error() -> sqlite3.OperationalError:
     exc = sqlite3.OperationalError("database or disk is full")
-    exc.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+    exc.sqlite_errorcode = sqlite3.SQLITE_FULL
     return exc
 
 
