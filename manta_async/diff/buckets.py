@@ -73,7 +73,7 @@ class BucketSums:
     @classmethod
     def empty(cls, bits: int) -> BucketSums:
         size = 1 << bits
-        return cls(bits, array("q", bytes(8 * size)), array("Q", bytes(8 * size)))
+        return cls(bits, array("q", [0]) * size, array("Q", [0]) * size)
 
     def add(self, chunk: Sequence[BucketSum]) -> None:
         counts, sums = self.counts, self.sums

@@ -26,7 +26,12 @@ from manta_async.diff import codec
 from manta_async.errors import SourceError
 from manta_async.extract import Origin, ServerUrl
 from manta_async.extract.base import Column, Row
-from manta_async.extract.mysql_buckets import HashSql, MysqlBucketRead, has_crc32c
+from manta_async.extract.mysql_buckets import (
+    GROUP_BY_BYTES,
+    HashSql,
+    MysqlBucketRead,
+    has_crc32c,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +212,9 @@ class MysqlSource:
         self._reading = True
         read: MysqlBucketRead | None = None
         try:
+            # The GROUP BY of a large table's buckets spills to disk past the default 16 MB.
+            await execute(f"SET SESSION tmp_table_size = {GROUP_BY_BYTES}, "
+                          f"max_heap_table_size = {GROUP_BY_BYTES}")  # fmt: skip
             await execute("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
             probe = HashSql(sql, [], None, crc32c=False)
             shape = await run(f"SELECT * FROM {probe.source} LIMIT 0", 1)

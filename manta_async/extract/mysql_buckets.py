@@ -20,6 +20,8 @@ from typing import Protocol
 from manta_async.extract.base import BucketSum, Column, Row
 
 _SUM_CHUNK = 20_000
+GROUP_BY_BYTES = 256 * 1024 * 1024
+"""The session's in-memory temporary table limit while it sums a table by buckets."""
 _U64 = 0xFFFFFFFFFFFFFFFF
 
 # Types whose text never holds the separator, so they need no length in front.
