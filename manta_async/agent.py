@@ -43,9 +43,14 @@ class RunReport:
     handed_over: bool = False
     """True when a running `serve` drains the queue and this run only waited for it."""
     counts: dict[str, int] = field(default_factory=dict)
+    own_waiting: int | None = None
+    """For a run handed over to `serve`: how many of its own batches were not yet delivered.
+    The queue may hold serve's own batches too, which are not this run's concern."""
 
     @property
     def waiting(self) -> int:
+        if self.own_waiting is not None:
+            return self.own_waiting
         return self.counts.get("pending", 0) + self.counts.get("in flight", 0)
 
     @property
@@ -96,8 +101,16 @@ async def run_once(
         timeout_s = config.store.retry_for_s if wait_s is None else wait_s
         report.drain = await _wait_for(config, drain_lock, report.sync.queued, timeout_s)
         report.handed_over = report.drain is None
+        if report.handed_over:
+            report.own_waiting = await _not_delivered(config, report.sync.queued)
     report.counts = await queue_counts(config)
     return report
+
+
+async def _not_delivered(config: Config, pqids: list[int]) -> int:
+    async with BatchQueue(config.state_dir, drain=False) as queue:
+        statuses = await queue.call(queue.statuses, pqids)
+    return sum(1 for p in pqids if statuses.get(p, ACKED) not in (ACKED, FAILED))
 
 
 async def mark_resync(config: Config, tables: list[str]) -> None:
