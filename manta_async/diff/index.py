@@ -13,6 +13,7 @@ All methods are blocking; `Index.call` runs them on the index's own thread.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -152,16 +153,21 @@ class Index:
         self._conn = conn
 
     def _create_file(self) -> None:
-        # Made aside and renamed: a crash or a full disk never leaves an empty index.db, which
-        # would mean damage.
-        new = self.path.with_name(self.path.name + ".new")
+        # Made aside and linked into place: a crash or a full disk never leaves an empty
+        # index.db, which would mean damage, and a second process never replaces the first's.
+        new = self.path.with_name(f"{self.path.name}.{os.getpid()}.new")
         conn = sqlite3.connect(new)
         try:
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("PRAGMA journal_mode=WAL")
         finally:
             conn.close()
-        new.replace(self.path)
+        try:
+            os.link(new, self.path)
+        except FileExistsError:
+            pass
+        finally:
+            new.unlink()
 
     def _close(self) -> None:
         if self._conn is not None:

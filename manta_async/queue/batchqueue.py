@@ -20,6 +20,7 @@ Every commit of the queue is made with `synchronous=FULL`.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -185,15 +186,21 @@ class BatchQueue:
         if data.exists():
             return
         self.path.mkdir(parents=True, exist_ok=True)
-        # Made aside and renamed: a crash never leaves an empty data.db, which means damage.
-        new = self.path / "data.db.new"
+        # Made aside and linked into place: a crash never leaves an empty data.db, which means
+        # damage, and of processes starting at once the first link wins, the others use it.
+        new = self.path / f"data.db.{os.getpid()}.new"
         conn = sqlite3.connect(new)
         try:
             conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
             conn.execute("VACUUM")
         finally:
             conn.close()
-        new.replace(data)
+        try:
+            os.link(new, data)
+        except FileExistsError:
+            pass
+        finally:
+            new.unlink()
 
     def _close(self) -> None:
         if self._queue is not None:
