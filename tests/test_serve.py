@@ -102,7 +102,8 @@ async def test_run_once_beside_serve_hands_its_batches_over(
     assert b"serving: draining" in first_line
     try:
         # serve holds the drain lock: run --once stages, then waits for serve to deliver.
-        for change in ("INSERT INTO items VALUES (100, 'from cron')", "DELETE FROM items WHERE id > 30"):
+        changes = ("INSERT INTO items VALUES (100, 'from cron')", "DELETE FROM items WHERE id > 30")
+        for change in changes:
             source.execute(change)
             report = await agent.run_once(config, ["items"])
             assert report.handed_over
