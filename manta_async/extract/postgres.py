@@ -104,6 +104,12 @@ class PostgresSource:
         """Run `sql` in a read-only snapshot and yield its result, to be read in chunks."""
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be at least 1 (got {chunk_rows})")
+        async with self._snapshot() as (conn, transaction):
+            yield await self._start(conn, transaction, sql, chunk_rows)
+
+    @asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[tuple[asyncpg.Connection, Any]]:
+        # One read at a time, each in its own read-only REPEATABLE READ transaction.
         if self._reading:
             raise RuntimeError("this source is already reading; finish one read before another")
         await self.open()
@@ -113,8 +119,7 @@ class PostgresSource:
 
         self._reading = True
         try:
-            result = await self._start(conn, transaction, sql, chunk_rows)
-            yield result
+            yield conn, transaction
         finally:
             self._reading = False
             await self._end(conn, transaction)
@@ -138,19 +143,8 @@ class PostgresSource:
         self, sql: str, key: list[str] | None
     ) -> AsyncIterator[PostgresBucketRead]:
         """Open a read-only snapshot in which the server sums `sql`'s rows by buckets."""
-        if self._reading:
-            raise RuntimeError("this source is already reading; finish one read before another")
-        await self.open()
-        assert self._conn is not None
-        conn = self._conn
-        transaction = conn.transaction(isolation="repeatable_read", readonly=True)
-
-        self._reading = True
-        try:
+        async with self._snapshot() as (conn, transaction):
             yield await self._start_buckets(conn, transaction, sql, key)
-        finally:
-            self._reading = False
-            await self._end(conn, transaction)
 
     async def _start_buckets(
         self, conn: asyncpg.Connection, transaction: Any, sql: str, key: list[str] | None
