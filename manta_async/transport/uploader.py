@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 
 from tenacity import (
     AsyncRetrying,
@@ -26,6 +25,7 @@ from tenacity import (
 from manta_async.errors import RejectedError, TransportError
 from manta_async.faults import crash_point
 from manta_async.queue.batchqueue import BatchQueue, Taken
+from manta_async.transport import DrainReport
 from manta_async.transport.client import Applied, StoreClient
 
 log = logging.getLogger(__name__)
@@ -35,19 +35,6 @@ _POLL_S = 1.0
 
 class _Stopped(Exception):
     """The drain was asked to stop while it waited to retry."""
-
-
-@dataclass
-class DrainReport:
-    """What one drain did, and why it stopped."""
-
-    applied: int = 0
-    duplicates: int = 0
-    parked: int = 0
-    unreachable: str | None = None
-    """Set when the store could not be reached within the retry budget."""
-    refused: str | None = None
-    """Set when the store refused the token or the URL: nothing more can be sent."""
 
 
 class Uploader:
