@@ -25,7 +25,7 @@ from manta_async.config import Config
 from manta_async.diff.buckets import diff_by_buckets
 from manta_async.diff.differ import DiffStats, TableDiff
 from manta_async.diff.index import Index
-from manta_async.errors import EncodeError, SourceError, StateError, TableError
+from manta_async.errors import EncodeError, SourceError, StateError, TableError, is_damage
 from manta_async.extract import Column, Row, Source, connect
 from manta_async.extract.base import BucketSource
 from manta_async.faults import crash_point
@@ -130,6 +130,10 @@ async def sync_table(
             f"cannot write the index {index.path} ({exc}); nothing of table {name!r} was "
             "sent. If the disk is full, free space and run again"
         ) from exc
+    except sqlite3.DatabaseError as exc:
+        if not is_damage(exc):
+            raise
+        raise index.damaged(exc) from exc
 
     crash_point("index-committed")
     if stats.snapshot is not None and stats.snapshot != "first run":

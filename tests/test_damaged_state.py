@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
 from manta_async import agent
+from manta_async.diff.index import FULL_CHECK_EVERY_S
 from manta_async.errors import StateError
 from manta_async.store import StoreServer
 from tests.conftest import MakeConfig
@@ -57,6 +59,29 @@ async def test_a_damaged_state_file_is_one_line_saying_what_to_do(
                          batch_rows=100)  # fmt: skip
     assert (await agent.run_once(config, ["items"])).exit_code == agent.EXIT_OK
     spoil_one_page(config.state_dir / damaged)
+
+    with pytest.raises(StateError) as raised:
+        await agent.run_once(config, ["items"])
+
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "is damaged" in message and "aside" in message and "resync" in message
+
+
+async def test_damage_in_rows_checked_less_than_a_day_ago_is_found_when_a_run_reads_them(
+    tmp_path: Path, store: StoreServer, make_config: MakeConfig
+) -> None:
+    db = SqliteDb(tmp_path / "source.db")
+    db.execute("CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)")
+    db.executemany("INSERT INTO items VALUES (?, ?)", [(i, f"item {i:>40}") for i in range(3000)])
+    config = make_config(store.url, db.url, {"items": {"sql": SQL, "key": ["id"]}})
+    for _ in range(2):
+        assert (await agent.run_once(config, ["items"])).exit_code == agent.EXIT_OK
+    index = config.state_dir / "index.db"
+    with sqlite3.connect(index) as conn:
+        (checked_at,) = conn.execute("SELECT at FROM checks WHERE name = 'full'").fetchone()
+    assert time.time() - checked_at < FULL_CHECK_EVERY_S
+    spoil_one_page(index)
 
     with pytest.raises(StateError) as raised:
         await agent.run_once(config, ["items"])

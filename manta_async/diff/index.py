@@ -13,8 +13,10 @@ All methods are blocking; `Index.call` runs them on the index's own thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +28,10 @@ import orjson
 from manta_async.errors import StateError, first_problem, is_damage
 
 T = TypeVar("T")
+
+FULL_CHECK_EVERY_S = 24 * 3600.0
+"""How often opening the index checks every page of it; in between, only its small tables."""
+_SMALL_TABLES = ("tables", "outbox", "bucket_sums", "checks")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tables (
@@ -49,6 +55,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     rows INTEGER NOT NULL,
     part INTEGER,
     last INTEGER
+);
+CREATE TABLE IF NOT EXISTS checks (
+    name TEXT PRIMARY KEY,
+    at REAL NOT NULL
 );
 """
 
@@ -136,9 +146,7 @@ class Index:
             # FULL: a commit is on disk before it returns, so power loss cannot undo it.
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=10000")
-            result = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if result != "ok":
-                raise sqlite3.DatabaseError(first_problem(result))
+            self._check(conn)
             conn.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             if not is_damage(exc):
@@ -146,11 +154,37 @@ class Index:
                     f"cannot open the index {self.path} ({exc}); nothing was changed. If the "
                     "disk is full, free space and run again"
                 ) from exc
-            raise StateError(
-                f"the index {self.path} is damaged ({exc}); move it aside and run "
-                "'manta-async resync' for every table to rebuild it from the sources"
-            ) from exc
+            raise self.damaged(exc) from exc
         self._conn = conn
+
+    def damaged(self, exc: BaseException) -> StateError:
+        """The error for damage SQLite found in the index, at opening or later."""
+        return StateError(
+            f"the index {self.path} is damaged ({exc}); move it aside and run "
+            "'manta-async resync' for every table to rebuild it from the sources"
+        )
+
+    def _check(self, conn: sqlite3.Connection) -> None:
+        # Every page once a day: reading all of a large index takes seconds, which each
+        # hourly run finding nothing changed would pay. In between, the small tables are
+        # checked, and damage in a table's rows is found when a run reads them.
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        checked_at = 0.0
+        if "checks" in names:
+            found = conn.execute("SELECT at FROM checks WHERE name = 'full'").fetchone()
+            checked_at = found[0] if found else 0.0
+        full = not 0 <= time.time() - checked_at < FULL_CHECK_EVERY_S
+        checks = ["PRAGMA quick_check"] if full else [
+            f"PRAGMA quick_check({name})" for name in _SMALL_TABLES if name in names
+        ]  # fmt: skip
+        for check in checks:
+            result = conn.execute(check).fetchone()[0]
+            if result != "ok":
+                raise sqlite3.DatabaseError(first_problem(result))
+        if full and "checks" in names:
+            # Not recorded on a full disk: the next run checks every page again.
+            with contextlib.suppress(sqlite3.OperationalError):
+                conn.execute("INSERT OR REPLACE INTO checks VALUES ('full', ?)", (time.time(),))
 
     def _create_file(self) -> None:
         # Made aside and linked into place: a crash or a full disk never leaves an empty
