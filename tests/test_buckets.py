@@ -15,6 +15,7 @@ import pytest
 
 from manta_async import agent
 from manta_async.config import Config, SourceConfig, load_config
+from manta_async.diff import buckets
 from manta_async.diff.buckets import MIN_BITS, BucketSums, choose_bits, key_hash_ranges
 from manta_async.extract import connect
 from manta_async.extract.base import BucketSource
@@ -36,6 +37,14 @@ def db(request: pytest.FixtureRequest) -> SourceDb:
     if request.param == "postgres":
         return PostgresDb(request.getfixturevalue("pg_url"))
     return MysqlDb(request.getfixturevalue("mysql_url"))
+
+
+@pytest.fixture(autouse=True, params=["fine", "coarse first"])
+def passes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run each case once summing the fine buckets at once, and once with a coarse pass first
+    (which the test tables, with 256 buckets, are otherwise too small for)."""
+    if request.param == "coarse first":
+        monkeypatch.setattr(buckets, "COARSE_BITS", 4)
 
 
 @pytest.fixture
@@ -211,6 +220,23 @@ async def test_two_copies_of_a_row_do_not_cancel(db: SourceDb) -> None:
     assert twins[1] != other[1] and twins[1] != 0
 
 
+async def test_sums_leave_the_planner_settings_as_they_were(pg_url: str) -> None:
+    async with await connect(SourceConfig(url=pg_url), Path(".")) as source:
+        assert isinstance(source, BucketSource)
+        async with source.read_buckets("SELECT 1 AS id", ["id"]) as read:
+            conn = read._conn  # type: ignore[attr-defined]
+            await conn.execute("SET LOCAL parallel_tuple_cost = 0.25")
+            async for _ in read.sums(MIN_BITS):
+                pass
+            settings = await conn.fetch(
+                "SELECT name, setting FROM pg_settings WHERE name = ANY($1::text[]) ORDER BY 1",
+                ["enable_sort", "parallel_setup_cost", "parallel_tuple_cost"],
+            )
+    assert [tuple(s) for s in settings] == [
+        ("enable_sort", "on"), ("parallel_setup_cost", "1000"), ("parallel_tuple_cost", "0.25")
+    ]  # fmt: skip
+
+
 # The arithmetic
 
 
@@ -231,3 +257,15 @@ def test_folding_keeps_counts_and_sums() -> None:
     assert (folded.counts[0], folded.sums[0]) == (3, 4)
     assert (folded.counts[255], folded.sums[255]) == (3, 7)
     assert folded.differing(sums.folded(8)) == []
+
+
+def test_replacing_under_coarse_buckets_keeps_the_others() -> None:
+    old = BucketSums.empty(8)
+    old.add([(0, 1, 1), (17, 1, 2), (255, 1, 3)])
+    part = BucketSums.empty(8)
+    part.add([(16, 2, 9)])
+    new = old.replaced(part, 4, [1])
+    assert [(b, new.counts[b], new.sums[b]) for b in range(256) if new.counts[b]] == [
+        (0, 1, 1), (16, 2, 9), (255, 1, 3)
+    ]  # fmt: skip
+    assert old.counts[17] == 1

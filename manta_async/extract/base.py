@@ -59,6 +59,9 @@ class Source(Protocol):
 BucketSum = tuple[int, int, int]
 """(bucket, rows in it, sum of their 64-bit row hashes modulo 2**64)."""
 
+Buckets = tuple[int, Sequence[int]]
+"""Some of the 2**bits buckets: (bits, bucket numbers)."""
+
 
 class BucketRead(Protocol):
     """One SELECT read by buckets of keys, every call in the same snapshot.
@@ -76,8 +79,9 @@ class BucketRead(Protocol):
         """Return how many rows the SELECT returns."""
         ...
 
-    def sums(self, bits: int) -> AsyncIterator[list[BucketSum]]:
-        """Yield the non-empty buckets, in chunks."""
+    def sums(self, bits: int, within: Buckets | None = None) -> AsyncIterator[list[BucketSum]]:
+        """Yield the non-empty buckets, in chunks; with `within`, only of the rows in those
+        (usually wider) buckets."""
         ...
 
     def rows(

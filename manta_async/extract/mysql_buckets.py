@@ -17,7 +17,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
-from manta_async.extract.base import BucketSum, Column, Row
+from manta_async.extract.base import Buckets, BucketSum, Column, Row
 
 _SUM_CHUNK = 20_000
 GROUP_BY_BYTES = 256 * 1024 * 1024
@@ -77,18 +77,21 @@ class HashSql:
     def count(self) -> str:
         return f"SELECT COUNT(*) FROM {self.source}"
 
-    def sums(self, bits: int) -> str:
+    def sums(self, bits: int, within: Buckets | None) -> str:
         bucket = f"{self.key_hash} >> {32 - bits}"
         inner = f"SELECT {bucket} AS b, {self.row_hash} AS h FROM {self.source}"
+        if within is not None:
+            inner += self._where(*within)
         # ORDER BY NULL: MariaDB would otherwise sort the groups it returns.
         return f"SELECT b, COUNT(*), SUM(h) FROM ({inner}) s GROUP BY b ORDER BY NULL"
 
     def rows(self, bits: int, only: Sequence[int] | None) -> str:
         select = f"SELECT {self.key_hash} AS _manta_key_hash, t.* FROM {self.source}"
-        if only is None:
-            return select
+        return select if only is None else select + self._where(bits, only)
+
+    def _where(self, bits: int, only: Sequence[int]) -> str:
         buckets = ",".join(str(int(b)) for b in only) or "-1"
-        return f"{select} WHERE {self.key_hash} >> {32 - bits} IN ({buckets})"
+        return f" WHERE {self.key_hash} >> {32 - bits} IN ({buckets})"
 
 
 class Rows(Protocol):
@@ -125,8 +128,10 @@ class MysqlBucketRead:
         counted = [row async for rows in self._run(self._sql.count(), 2) for row in rows]
         return int(counted[0][0])
 
-    async def sums(self, bits: int) -> AsyncIterator[list[BucketSum]]:
-        async for rows in self._run(self._sql.sums(bits), _SUM_CHUNK):
+    async def sums(
+        self, bits: int, within: Buckets | None = None
+    ) -> AsyncIterator[list[BucketSum]]:
+        async for rows in self._run(self._sql.sums(bits, within), _SUM_CHUNK):
             yield [(int(b), int(n), int(total) & _U64) for b, n, total in rows]
 
     async def rows(
