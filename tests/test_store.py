@@ -358,6 +358,14 @@ DROP = object()
         ({"changes": [["insert", [1], [1]]]}, "changes[0]: row must be a list of 2"),
         ({"changes": [["insert", [2], [1, 2]]]}, "changes[0]: key [2] differs from the row"),
         ({"changes": [["insert", [1.0], [1, 2]]]}, "key [1.0] differs from the row"),
+        ({"changes": [["insert", [True], [1, 2]]]}, "key [true] differs from the row"),
+        ({"changes": [["insert", [-0.0], [0.0, 2]]]}, "key [-0.0] differs from the row"),
+        ({"changes": [["insert", [[1, True]], [[1, 1], 2]]]}, "key [[1,true]] differs"),
+        ({"changes": [["insert", [{"$int": "1"}], [{"$dec": "1"}, 2]]]}, "differs from the row"),
+        (
+            {"changes": [["insert", [1], [1, 2]], ["update", [1.0], [1, 2]]]},
+            "changes[1]: key [1.0] differs from the row",
+        ),
         ({"changes": [["update", [1], [1, {"a": 1}]]]}, '{"a":1} is not a wire value'),
         ({"changes": [["update", [1], [1, {"$dec": 1}]]]}, "is not a wire value"),
         (
@@ -374,6 +382,11 @@ DROP = object()
              "changes": [["insert", ROW_HASH, ["x"], 0]]},
             "n must be an integer from 1",
         ),
+        (
+            {"key": [], "columns": [{"name": "s", "type": "text"}],
+             "changes": [["insert", ROW_HASH, ["x"], True]]},
+            "n must be an integer from 1",
+        ),
     ],
 )  # fmt: skip
 async def test_malformed_body_answers_400_naming_the_problem(
@@ -388,6 +401,20 @@ async def test_malformed_body_answers_400_naming_the_problem(
     assert status == 400
     assert problem in answer["error"]
     assert await get_json(client, store, f"/v1/agents/{AGENT}/tables") == (200, {"tables": []})
+
+
+async def test_key_matches_the_row_by_identity_not_by_spelling(
+    store: StoreServer, client: aiohttp.ClientSession
+) -> None:
+    changes = [
+        ["insert", [dec("1.1")], [1, dec("1.10")]],
+        ["update", [dec("1.100")], [2, dec("1.100")]],
+    ]
+
+    status, answer = await post(client, store, make_batch(1, changes, key=["total"]))
+
+    assert status == 200, answer
+    assert await ndjson_rows(client, store) == [[2, dec("1.100")]]
 
 
 async def test_batch_id_reused_for_another_table_answers_400(
