@@ -176,7 +176,9 @@ async def store_down(lab: Lab, f: Findings, o: Options) -> None:
 
 
 async def overlap(lab: Lab, f: Findings, o: Options) -> None:
-    serve = await lab.agent("main", "serve", "--every", "1s")
+    serve = await lab.agent("main", "--log-level", "INFO", "serve", "--every", "1s")
+    # A cron run that starts first would take the drain lock, and serve would rightly exit 6.
+    await serve.started_to("serving: draining")
     for round_no in range(4):
         await lab.mutator.burst(lab.rng.randint(5, o.burst))
         pair = [await lab.agent("big" if round_no % 2 else "main", "run", "--once")

@@ -83,6 +83,14 @@ class Child:
         if self.running:
             os.kill(self.process.pid, sig)
 
+    async def started_to(self, line: str, timeout_s: float = 30.0) -> None:
+        """Wait until the process wrote `line` to its stderr, or ended, or `timeout_s` passed."""
+        deadline = time.monotonic() + timeout_s
+        for _ in range(int(timeout_s / 0.05) + 1):
+            if not self.running or time.monotonic() > deadline or line in _text(self.err):
+                return
+            await asyncio.sleep(0.05)
+
     async def wait(self, timeout_s: float) -> Exit:
         try:
             await asyncio.wait_for(self.process.wait(), timeout_s)
