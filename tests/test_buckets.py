@@ -17,6 +17,7 @@ from manta_async import agent
 from manta_async.config import Config, SourceConfig, load_config
 from manta_async.diff import buckets
 from manta_async.diff.buckets import MIN_BITS, BucketSums, choose_bits, key_hash_ranges
+from manta_async.diff.differ import DiffStats
 from manta_async.extract import connect
 from manta_async.extract.base import BucketSource
 from manta_async.store import StoreServer
@@ -65,13 +66,18 @@ async def first_run(config: Config, table: str) -> None:
     assert stats_of(report, table) == (ROWS, 0, 0)
 
 
-async def rows_read(config: Config, table: str) -> tuple[int, tuple[int, int, int]]:
+async def run_stats(config: Config, table: str) -> DiffStats:
     report = await agent.run_once(config, [table])
     assert report.exit_code == agent.EXIT_OK
     assert report.sync is not None
     outcome = next(o for o in report.sync.tables if o.table == table)
     assert outcome.stats is not None, outcome.error
-    return outcome.stats.rows, stats_of(report, table)
+    return outcome.stats
+
+
+async def rows_read(config: Config, table: str) -> tuple[int, tuple[int, int, int]]:
+    stats = await run_stats(config, table)
+    return stats.rows, (stats.inserts, stats.updates, stats.deletes)
 
 
 async def test_unchanged_table_reads_no_row(
@@ -98,6 +104,48 @@ async def test_changed_bucket_reads_only_that_bucket(
     assert changes == (0, 1, 0)
     assert 1 <= read <= 40
     assert await store_rows(store, table) == db.encoded_rows(sql)
+
+
+async def test_unchanged_rows_of_a_changed_bucket_are_not_diffed(
+    db: SourceDb, table: str, store: StoreServer, make_config: MakeConfig
+) -> None:
+    sql = f"SELECT * FROM {table}"
+    config = make_config(store.url, db.url, {table: {"sql": sql, "key": ["id"]}})
+    await first_run(config, table)
+
+    db.execute(f"UPDATE {table} SET b = 'moved' WHERE id IN (77, 1234)")
+    stats = await run_stats(config, table)
+
+    # The other rows of the two buckets come with the row hash the index kept for them.
+    assert (stats.inserts, stats.updates, stats.deletes) == (0, 2, 0)
+    assert stats.rows > 2
+    assert stats.diffed == 2
+    assert await store_rows(store, table) == db.encoded_rows(sql)
+
+
+WIDEN = {
+    "postgres": "ALTER TABLE {t} ALTER COLUMN price TYPE numeric(10,4)",
+    "mariadb": "ALTER TABLE {t} MODIFY price DECIMAL(10,4)",
+}
+
+
+async def test_row_hashes_follow_a_new_text_of_the_same_values(
+    db: SourceDb, table: str, store: StoreServer, make_config: MakeConfig
+) -> None:
+    sql = f"SELECT * FROM {table}"
+    config = make_config(store.url, db.url, {table: {"sql": sql, "key": ["id"]}})
+    await first_run(config, table)
+
+    # A wider decimal: 77.50 now reads 77.5000, the same value in another text. Every row
+    # hash moves, every row is diffed once and nothing is sent; the hashes kept are the new.
+    db.execute(WIDEN[db.kind].format(t=table))
+    widened = await run_stats(config, table)
+    db.execute(f"UPDATE {table} SET a = 'moved' WHERE id = 77")
+    after = await run_stats(config, table)
+
+    assert (widened.inserts, widened.updates, widened.deletes) == (0, 0, 0)
+    assert widened.diffed == ROWS
+    assert (after.updates, after.diffed) == (1, 1)
 
 
 async def test_delete_is_found_inside_the_changed_bucket_only(

@@ -6,9 +6,11 @@ export. When the source database can hash its own rows (`BucketSource`), a run i
 1. asks the database, in one read-only snapshot, for each bucket's row count and the sum of
    its 64-bit row hashes modulo 2**64 (a sum, so two copies of a row never cancel out);
 2. compares them with the sums the index kept from the last run;
-3. reads, in the same snapshot, only the rows of the buckets that differ, and diffs them
-   against the index as a full read would (`TableDiff`), looking for deletes only among the
-   index rows of those buckets;
+3. reads, in the same snapshot, only the rows of the buckets that differ, each with its key
+   hash and row hash, and diffs them against the index as a full read would (`TableDiff`),
+   looking for deletes only among the index rows of those buckets. The index keeps each row's
+   source row hash too: a row of a table with a key whose key hash and row hash are those of
+   an index row is that row, unchanged, by the argument below, and is not encoded at all;
 4. commits the new sums with the index and the batches, in one transaction.
 
 A row's bucket is the top bits of a 32-bit *key hash* the database computes from its key (from
@@ -213,6 +215,8 @@ def _prepare(index: Index, diff: TableDiff) -> BucketSums | None:
     names = [row[1] for row in conn.execute(f"PRAGMA table_info({idx})")]
     if "key_hash" not in names:
         conn.execute(f"ALTER TABLE {idx} ADD COLUMN key_hash INTEGER")
+    if "src_hash" not in names:
+        conn.execute(f"ALTER TABLE {idx} ADD COLUMN src_hash INTEGER")
     return load_sums(conn, diff)
 
 
@@ -272,6 +276,6 @@ def _log_plan(table: str, plan: _Plan, stats: DiffStats) -> None:
         log.info("table %r: every row read (%d buckets recorded)", table, buckets)
     else:
         log.info(
-            "table %r: %d of %d buckets changed, %d rows read",
-            table, len(plan.dirty), buckets, stats.rows,
+            "table %r: %d of %d buckets changed, %d rows read, %d of them diffed",
+            table, len(plan.dirty), buckets, stats.rows, stats.diffed,
         )  # fmt: skip

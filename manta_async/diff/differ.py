@@ -47,6 +47,8 @@ class DiffStats:
     """What one table's run found."""
 
     rows: int = 0
+    diffed: int = 0
+    """Rows encoded and compared with the index; a bucket read passes over the others."""
     inserts: int = 0
     updates: int = 0
     deletes: int = 0
@@ -119,6 +121,9 @@ class TableDiff:
         self.scope: list[tuple[int, int]] | None = None
         """The key hash ranges the read covered (see buckets.py); None when it read every
         row. Deletes are looked for only among the index rows in them."""
+        self.source_hashes = False
+        """Whether the index kept source row hashes when the run started: a bucket read writes
+        them, and any other read forgets those of the rows it changes."""
 
     def _key_positions(self) -> list[int] | None:
         if self.key is None:
@@ -153,6 +158,9 @@ class TableDiff:
         self._old_max = conn.execute(f"SELECT coalesce(max(rowid), 0) FROM {idx}").fetchone()[0]
         self._old_rows = conn.execute(f"SELECT count(*) FROM {idx}").fetchone()[0]
         self._bitmap = bytearray((self._old_max >> 3) + 1)
+        self.source_hashes = any(row[1] == "src_hash" for row in conn.execute(
+            f"PRAGMA table_info({idx})"
+        ))  # fmt: skip
 
     def _snapshot_reason(self, state: TableState | None) -> str | None:
         if state is None:
@@ -191,28 +199,31 @@ class TableDiff:
 
     # Chunks
 
-    def add_chunk(self, rows: Sequence[Row], key_hashes: Sequence[int] | None = None) -> None:
-        """Compare one chunk of the read with the index; `key_hashes`, one per row, are kept
-        in the index for a bucket read (see buckets.py)."""
-        entries = self._encode(rows, key_hashes)
-        found = self._lookup(list(entries), key_hashes is not None)
-        conn = self.index.conn
-        idx = self._idx
-        inserts: list[tuple[bytes, bytes, int, int | None]] = []
+    def add_chunk(
+        self,
+        rows: Sequence[Row],
+        key_hashes: Sequence[int] | None = None,
+        source_hashes: Sequence[int] | None = None,
+    ) -> None:
+        """Compare one chunk of the read with the index; a bucket read also gives, one per
+        row, the key hashes and source row hashes the index keeps (see buckets.py)."""
+        entries = self._encode(rows, key_hashes, source_hashes)
+        found = self._lookup(list(entries))
+        inserts: list[tuple[bytes, bytes, int, int | None, int | None]] = []
         updates: list[tuple[bytes, int]] = []
-        moved: list[tuple[int | None, int]] = []
-        for key, (row, digest, count, key_hash) in entries.items():
+        hashed: list[tuple[int | None, int | None, int]] = []
+        for key, (row, digest, count, key_hash, source_hash) in entries.items():
             hit = found.get(key)
             if hit is None:
-                inserts.append((key, digest, count, key_hash))
+                inserts.append((key, digest, count, key_hash, source_hash))
                 self._emit(_INSERT, key, row, count)
                 self.stats.inserts += 1
                 if self.key is not None and count > 1:
                     self._seen_again[key] = _Seen(0, 1, count, row)
                 continue
-            rowid, old_digest, stored_n, old_key_hash = hit
-            if key_hash != old_key_hash:
-                moved.append((key_hash, rowid))
+            rowid, old_digest, stored_n = hit
+            if key_hashes is not None:
+                hashed.append((key_hash, source_hash, rowid))
             if rowid > self._old_max or self._bit(rowid):
                 self._again(key, rowid, stored_n, count, row)
                 continue
@@ -226,22 +237,69 @@ class TableDiff:
                 updates.append((digest, rowid))
                 self._emit(_UPDATE, key, row, 1)
                 self.stats.updates += 1
-        if inserts and key_hashes is None:
-            inserts_plain = [entry[:3] for entry in inserts]
-            conn.executemany(f"INSERT INTO {idx} (key, hash, n) VALUES (?, ?, ?)", inserts_plain)
-        elif inserts:
-            conn.executemany(
-                f"INSERT INTO {idx} (key, hash, n, key_hash) VALUES (?, ?, ?, ?)", inserts
-            )
-        if updates:
-            conn.executemany(f"UPDATE {idx} SET hash = ? WHERE rowid = ?", updates)
-        if moved:
-            conn.executemany(f"UPDATE {idx} SET key_hash = ? WHERE rowid = ?", moved)
+        self._write(inserts, updates, hashed, key_hashes is not None)
         self.stats.rows += len(rows)
+        self.stats.diffed += len(rows)
+
+    def _write(
+        self,
+        inserts: list[tuple[bytes, bytes, int, int | None, int | None]],
+        updates: list[tuple[bytes, int]],
+        hashed: list[tuple[int | None, int | None, int]],
+        bucket_read: bool,
+    ) -> None:
+        conn = self.index.conn
+        idx = self._idx
+        if bucket_read:
+            conn.executemany(
+                f"INSERT INTO {idx} (key, hash, n, key_hash, src_hash) VALUES (?, ?, ?, ?, ?)",
+                inserts,
+            )
+            conn.executemany(f"UPDATE {idx} SET key_hash = ?, src_hash = ? WHERE rowid = ?", hashed)
+        else:
+            conn.executemany(
+                f"INSERT INTO {idx} (key, hash, n) VALUES (?, ?, ?)", [i[:3] for i in inserts]
+            )
+        # A source hash kept for a row this read changed would no longer be the row's.
+        forget = ", src_hash = NULL" if self.source_hashes and not bucket_read else ""
+        conn.executemany(f"UPDATE {idx} SET hash = ?{forget} WHERE rowid = ?", updates)
 
     def add_bucket_chunk(self, rows: Sequence[Row]) -> None:
-        """Compare one chunk of a bucket read: each row's key hash, then its values."""
-        self.add_chunk([row[1:] for row in rows], [row[0] for row in rows])
+        """Compare one chunk of a bucket read: rows of its key hash, its source row hash, then
+        its values."""
+        if self.key is not None and self.source_hashes:
+            rows = self._skip_unchanged(rows)
+        values = [row[2:] for row in rows]
+        self.add_chunk(values, [row[0] for row in rows], [row[1] for row in rows])
+
+    def _skip_unchanged(self, rows: Sequence[Row]) -> list[Row]:
+        # A row whose key hash and source row hash are those the index keeps for one of its
+        # rows is that row, unchanged (the argument of buckets.py, row by row): it is only
+        # marked as seen, without being encoded. Anything else goes through the full diff.
+        known = self._known_source_hashes({row[0] for row in rows})
+        rest: list[Row] = []
+        for row in rows:
+            rowid = known.get((row[0], row[1]))
+            if rowid is None or rowid > self._old_max or self._bit(rowid):
+                rest.append(row)
+            else:
+                self._set_bit(rowid)
+        self.stats.rows += len(rows) - len(rest)
+        return rest
+
+    def _known_source_hashes(self, key_hashes: set[int]) -> dict[tuple[int, int], int]:
+        known: dict[tuple[int, int], int] = {}
+        conn = self.index.conn
+        wanted = list(key_hashes)
+        for start in range(0, len(wanted), _LOOKUP_KEYS):
+            part = wanted[start : start + _LOOKUP_KEYS]
+            sql = (
+                f"SELECT key_hash, src_hash, rowid FROM {self._idx} "
+                f"WHERE key_hash IN ({','.join('?' * len(part))}) AND src_hash IS NOT NULL"
+            )
+            for key_hash, source_hash, rowid in conn.execute(sql, part):
+                known[(key_hash, source_hash)] = rowid
+        return known
 
     @property
     def _idx(self) -> str:
@@ -262,17 +320,22 @@ class TableDiff:
         return self._columns_json
 
     def _encode(
-        self, rows: Sequence[Row], key_hashes: Sequence[int] | None
-    ) -> dict[bytes, tuple[bytes, bytes, int, int | None]]:
-        # Key bytes → (row bytes, row hash, how often the key occurs in this chunk, key hash).
-        entries: dict[bytes, tuple[bytes, bytes, int, int | None]] = {}
+        self,
+        rows: Sequence[Row],
+        key_hashes: Sequence[int] | None,
+        source_hashes: Sequence[int] | None,
+    ) -> dict[bytes, tuple[bytes, bytes, int, int | None, int | None]]:
+        # Key bytes → (row bytes, row hash, how often the key occurs in this chunk, key hash,
+        # source row hash).
+        entries: dict[bytes, tuple[bytes, bytes, int, int | None, int | None]] = {}
         key_pos = self._key_pos
         # The loop runs once per row of the table: its functions are looked up once.
         encode_row, dumps, row_hash, key_bytes = (
             codec.encode_row, codec.dumps, codec.row_hash, codec.key_bytes
         )
-        hashes = [None] * len(rows) if key_hashes is None else key_hashes
-        for source_row, key_hash in zip(rows, hashes, strict=True):
+        none = [None] * len(rows)
+        hashes = zip(key_hashes or none, source_hashes or none, strict=True)
+        for source_row, (key_hash, source_hash) in zip(rows, hashes, strict=True):
             wire = encode_row(source_row)
             row = dumps(wire)
             digest = row_hash(row, wire)
@@ -283,25 +346,18 @@ class TableDiff:
             key = key_bytes(wire_key)
             previous = entries.get(key)
             count = 1 if previous is None else previous[2] + 1
-            entries[key] = (row, digest, count, key_hash)
+            entries[key] = (row, digest, count, key_hash, source_hash)
         return entries
 
-    def _lookup(
-        self, keys: list[bytes], key_hash: bool
-    ) -> dict[bytes, tuple[int, bytes, int, int | None]]:
-        found: dict[bytes, tuple[int, bytes, int, int | None]] = {}
+    def _lookup(self, keys: list[bytes]) -> dict[bytes, tuple[int, bytes, int]]:
+        found: dict[bytes, tuple[int, bytes, int]] = {}
         conn = self.index.conn
-        # Only a bucket read keeps key hashes; an index that never had one may lack the column.
-        stored_hash = "key_hash" if key_hash else "NULL"
         for start in range(0, len(keys), _LOOKUP_KEYS):
             part = keys[start : start + _LOOKUP_KEYS]
             marks = ",".join("?" * len(part))
-            sql = (
-                f"SELECT key, rowid, hash, n, {stored_hash} FROM {self._idx} "
-                f"WHERE key IN ({marks})"
-            )
-            for key, rowid, digest, n, old_key_hash in conn.execute(sql, part):
-                found[key] = (rowid, digest, n, old_key_hash)
+            sql = f"SELECT key, rowid, hash, n FROM {self._idx} WHERE key IN ({marks})"
+            for key, rowid, digest, n in conn.execute(sql, part):
+                found[key] = (rowid, digest, n)
         return found
 
     def _again(self, key: bytes, rowid: int, stored_n: int, count: int, row: bytes) -> None:
@@ -357,27 +413,27 @@ class TableDiff:
         self._check_delete_share(candidates - self._matched)
         conn = self.index.conn
         builder = _BatchBuilder(_PHASE_DELETE)
-        gone: list[tuple[int]] = []
-        for rowid, key in self._delete_candidates():
-            if self._bit(rowid):
-                continue
-            gone.append((rowid,))
-            change = _DELETE + key + b"]"
-            self._add(builder, change)
-            self.stats.deletes += 1
+        gone = [(rowid,) for rowid in self._delete_candidates() if not self._bit(rowid)]
+        for start in range(0, len(gone), _LOOKUP_KEYS):
+            part = [rowid for (rowid,) in gone[start : start + _LOOKUP_KEYS]]
+            sql = f"SELECT key FROM {self._idx} WHERE rowid IN ({','.join('?' * len(part))})"
+            for (key,) in conn.execute(sql, part):
+                self._add(builder, _DELETE + key + b"]")
+        self.stats.deletes += len(gone)
         conn.executemany(f"DELETE FROM {self._idx} WHERE rowid = ?", gone)
         self._flush(builder)
 
-    def _delete_candidates(self) -> Iterator[tuple[int, bytes]]:
-        # The index rows the read could have returned: all, or those of the buckets it read.
+    def _delete_candidates(self) -> Iterator[int]:
+        # The row ids the read could have returned: all, or those of the buckets it read,
+        # which the key hash index gives without reading the rows.
         conn = self.index.conn
         if self.scope is None:
-            sql = f"SELECT rowid, key FROM {self._idx} WHERE rowid <= ?"
-            yield from conn.execute(sql, (self._old_max,))
+            sql = f"SELECT rowid FROM {self._idx} WHERE rowid <= ?"
+            yield from (rowid for (rowid,) in conn.execute(sql, (self._old_max,)))
             return
-        sql = f"SELECT rowid, key FROM {self._idx} WHERE key_hash BETWEEN ? AND ? AND rowid <= ?"
+        sql = f"SELECT rowid FROM {self._idx} WHERE key_hash BETWEEN ? AND ? AND rowid <= ?"
         for low, high in self.scope:
-            yield from conn.execute(sql, (low, high, self._old_max))
+            yield from (rowid for (rowid,) in conn.execute(sql, (low, high, self._old_max)))
 
     def _scope_rows(self) -> int:
         assert self.scope is not None

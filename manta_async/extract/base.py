@@ -87,9 +87,9 @@ class BucketRead(Protocol):
     def rows(
         self, bits: int, only: Sequence[int] | None, chunk_rows: int
     ) -> AsyncIterator[list[Row]]:
-        """Yield the rows of the buckets `only` (every row if None), each as its key hash
-        followed by the row's values; end only when the database said the result is
-        complete."""
+        """Yield the rows of the buckets `only` (every row if None), each as its key hash and
+        its row hash (a signed 64-bit integer) followed by the row's values; end only when the
+        database said the result is complete."""
         ...
 
 

@@ -86,7 +86,11 @@ class HashSql:
         return f"SELECT b, COUNT(*), SUM(h) FROM ({inner}) s GROUP BY b ORDER BY NULL"
 
     def rows(self, bits: int, only: Sequence[int] | None) -> str:
-        select = f"SELECT {self.key_hash} AS _manta_key_hash, t.* FROM {self.source}"
+        # The row hash as a signed 64-bit integer, the form the index keeps.
+        select = (
+            f"SELECT {self.key_hash} AS _manta_key_hash, "
+            f"CAST({self.row_hash} AS SIGNED) AS _manta_row_hash, t.* FROM {self.source}"
+        )
         return select if only is None else select + self._where(bits, only)
 
     def _where(self, bits: int, only: Sequence[int]) -> str:

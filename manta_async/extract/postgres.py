@@ -259,10 +259,10 @@ def _plain(value: Any) -> Any:
 
 
 def _bucket_row(attributes: Any) -> Callable[[asyncpg.Record], Row]:
-    """Return the conversion of a bucket read's record: its key hash, then the row's values
-    converted as a plain read converts them."""
+    """Return the conversion of a bucket read's record: its key hash and row hash, then the
+    row's values converted as a plain read converts them."""
     nested = [
-        i + 1 for i, item in enumerate(attributes) if item.type.kind in ("composite", "array")
+        i + 2 for i, item in enumerate(attributes) if item.type.kind in ("composite", "array")
     ]
     if not nested:
         return tuple

@@ -98,7 +98,10 @@ class HashSql:
         return f"SELECT {bucket}, count(*), sum(h) FROM ({inner}) s GROUP BY 1"
 
     def rows(self, bits: int, only: bool) -> str:
-        select = f"SELECT {self.key_hash} AS _manta_key_hash, t.* FROM {self.source}"
+        select = (
+            f"SELECT {self.key_hash} AS _manta_key_hash, {self.row_hash} AS _manta_row_hash, "
+            f"t.* FROM {self.source}"
+        )
         return select + self._where(bits) if only else select
 
     def _where(self, bits: int) -> str:
