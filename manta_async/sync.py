@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from manta_async.config import Config
-from manta_async.diff.buckets import diff_by_buckets
+from manta_async.diff.buckets import diff_by_buckets, forget_sums
 from manta_async.diff.differ import DiffStats, TableDiff
 from manta_async.diff.index import Index
 from manta_async.errors import EncodeError, SourceError, StateError, TableError, is_damage
@@ -154,7 +154,12 @@ async def _sync_stream(
     async with source.read(table.sql, config.agent.chunk_rows) as result:
         diff = new_diff(result.columns)
         await index.call(diff.start)
-        return await _diff_all(index, diff, result.chunks())
+
+        def commit() -> DiffStats:
+            forget_sums(index.conn, name)
+            return diff.commit()
+
+        return await _diff_all(index, diff, result.chunks(), commit=commit)
 
 
 async def _sync_buckets(

@@ -173,6 +173,13 @@ def save_sums(conn: sqlite3.Connection, diff: TableDiff, sums: BucketSums) -> No
     )  # fmt: skip
 
 
+def forget_sums(conn: sqlite3.Connection, table: str) -> None:
+    """Drop a table's sums, in the run's transaction: a read not by buckets changed its index
+    without them, and a row changed back since would find its old bucket sum unchanged."""
+    conn.execute(_SCHEMA)
+    conn.execute("DELETE FROM bucket_sums WHERE tbl = ?", (table,))
+
+
 # The run
 
 
