@@ -407,13 +407,19 @@ class TableDiff:
             self.stats.updates += 1
 
     def _stage_deletes(self) -> None:
-        candidates = self._old_rows if self.scope is None else self._scope_rows()
-        if self._matched == candidates:
+        # A read of every row tells by count how many it deleted, and a mass delete is refused
+        # before the index is searched; a bucket read's deletes are counted as they are found.
+        if self.scope is None:
+            if self._matched == self._old_rows:
+                return
+            self._check_delete_share(self._old_rows - self._matched)
+        gone = [(rowid,) for rowid in self._delete_candidates() if not self._bit(rowid)]
+        if not gone:
             return
-        self._check_delete_share(candidates - self._matched)
+        if self.scope is not None:
+            self._check_delete_share(len(gone))
         conn = self.index.conn
         builder = _BatchBuilder(_PHASE_DELETE)
-        gone = [(rowid,) for rowid in self._delete_candidates() if not self._bit(rowid)]
         for start in range(0, len(gone), _LOOKUP_KEYS):
             part = [rowid for (rowid,) in gone[start : start + _LOOKUP_KEYS]]
             sql = f"SELECT key FROM {self._idx} WHERE rowid IN ({','.join('?' * len(part))})"
@@ -434,14 +440,6 @@ class TableDiff:
         sql = f"SELECT rowid FROM {self._idx} WHERE key_hash BETWEEN ? AND ? AND rowid <= ?"
         for low, high in self.scope:
             yield from (rowid for (rowid,) in conn.execute(sql, (low, high, self._old_max)))
-
-    def _scope_rows(self) -> int:
-        assert self.scope is not None
-        sql = f"SELECT count(*) FROM {self._idx} WHERE key_hash BETWEEN ? AND ? AND rowid <= ?"
-        conn = self.index.conn
-        bounds = [(low, high, self._old_max) for low, high in self.scope]
-        counts = (conn.execute(sql, bound).fetchone()[0] for bound in bounds)
-        return sum(counts)
 
     def _check_delete_share(self, deletes: int) -> None:
         # A source that suddenly returns few rows (a wrong view, a table being reloaded) would
