@@ -311,7 +311,7 @@ async def test_sums_leave_the_planner_settings_as_they_were(pg_url: str) -> None
 
 def test_bucket_count_follows_the_table_size() -> None:
     assert choose_bits(0) == MIN_BITS
-    assert choose_bits(1_000_000) == 16
+    assert choose_bits(1_000_000) == 18
     assert choose_bits(10**12) == 20
 
 

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 HASH_FORMAT = 1
 """Changes whenever the SQL that hashes rows changes; older sums are then not compared."""
-ROWS_PER_BUCKET = 16
+ROWS_PER_BUCKET = 4
 MIN_BITS = 8
 MAX_BITS = 20
 FALLBACK_SHARE = 0.5
@@ -53,6 +53,7 @@ COARSE_BITS = 12
 """A run first sums 2**12 coarse buckets, then the fine ones only under those that moved."""
 NARROW_SHARE = 0.25
 """Above this share of moved coarse buckets, every row is summed finely."""
+_U64 = 0xFFFFFFFFFFFFFFFF
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS bucket_sums (
@@ -85,7 +86,7 @@ class BucketSums:
         counts, sums = self.counts, self.sums
         for bucket, count, total in chunk:
             counts[bucket] += count
-            sums[bucket] = (sums[bucket] + total) & 0xFFFFFFFFFFFFFFFF
+            sums[bucket] = (sums[bucket] + total) & _U64
 
     @property
     def rows(self) -> int:
@@ -93,11 +94,12 @@ class BucketSums:
 
     def folded(self, bits: int) -> BucketSums:
         """The same sums over fewer, wider buckets."""
-        shift = self.bits - bits
-        folded = BucketSums.empty(bits)
-        pairs = enumerate(zip(self.counts, self.sums, strict=True))
-        folded.add([(b >> shift, n, s) for b, (n, s) in pairs])
-        return folded
+        # A wide bucket is a run of adjacent narrow ones: each is summed as one slice.
+        width = 1 << (self.bits - bits)
+        starts = range(0, 1 << self.bits, width)
+        counts = array("q", [sum(self.counts[i : i + width]) for i in starts])
+        sums = array("Q", [sum(self.sums[i : i + width]) & _U64 for i in starts])
+        return BucketSums(bits, counts, sums)
 
     def replaced(self, part: BucketSums, coarse_bits: int, coarse: Sequence[int]) -> BucketSums:
         """These sums with the buckets under some coarse buckets taken from `part`."""
@@ -204,9 +206,14 @@ async def diff_by_buckets(
         rows = read.rows(plan.bits, plan.dirty, chunk_rows) if plan.dirty else _no_rows()
 
     def commit() -> DiffStats:
-        # Built once the rows are in: faster than growing it row by row on a first run.
+        # Built once the rows are in: faster than growing it row by row on a first run. It
+        # holds the source row hashes too, so a bucket read's rows are matched from it alone;
+        # an index made before them had the key hash only.
         idx = diff.idx_table
-        index.conn.execute(f"CREATE INDEX IF NOT EXISTS {idx}_key_hash ON {idx} (key_hash)")
+        index.conn.execute(f"DROP INDEX IF EXISTS {idx}_key_hash")
+        index.conn.execute(
+            f"CREATE INDEX IF NOT EXISTS {idx}_key_src ON {idx} (key_hash, src_hash)"
+        )
         save_sums(index.conn, diff, plan.new)
         return diff.commit()
 
