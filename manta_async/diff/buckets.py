@@ -191,6 +191,9 @@ class _Plan:
     new: BucketSums
     dirty: list[int] | None
     """The buckets to read; None to read every row."""
+    from_rows: bool = False
+    """Whether `new` is to be summed from the rows as they are read: a run reading every row
+    without sums to compare has no use for the database's aggregate."""
 
 
 async def diff_by_buckets(
@@ -201,6 +204,8 @@ async def diff_by_buckets(
     plan = await _plan(read, stored)
     if plan.dirty is None:
         rows = read.rows(plan.bits, None, chunk_rows)
+        if plan.from_rows:
+            rows = _summed(rows, plan.new)
     else:
         diff.scope = key_hash_ranges(plan.dirty, plan.bits)
         rows = read.rows(plan.bits, plan.dirty, chunk_rows) if plan.dirty else _no_rows()
@@ -242,7 +247,7 @@ async def _plan(read: BucketRead, stored: BucketSums | None) -> _Plan:
         # means reading every row once.
         bits = stored.bits
     if stored is None or stored.bits < bits:
-        return _Plan(bits, await _sums(read, bits), None)
+        return _Plan(bits, BucketSums.empty(bits), None, from_rows=True)
 
     old = stored if stored.bits == bits else stored.folded(bits)
     new = await _current_sums(read, old)
@@ -277,6 +282,14 @@ async def _sums(read: BucketRead, bits: int, within: Buckets | None = None) -> B
         crash_point("fetched")
         sums.add(chunk)
     return sums
+
+
+async def _summed(rows: AsyncIterator[list[Row]], sums: BucketSums) -> AsyncIterator[list[Row]]:
+    # Each row of a bucket read starts with its key hash and its row hash.
+    shift = 32 - sums.bits
+    async for chunk in rows:
+        sums.add([(row[0] >> shift, 1, row[1]) for row in chunk])
+        yield chunk
 
 
 async def _no_rows() -> AsyncIterator[list[Row]]:
