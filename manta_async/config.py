@@ -107,8 +107,9 @@ class TableConfig(_Section):
     max_delete_share: Share | None = None
     """Overrides [agent] max_delete_share for this table."""
     hash_in_source: bool = True
-    """Let a PostgreSQL or MariaDB source hash its rows by buckets of keys, so a run reads
-    only the buckets that changed (docs/performance.md); false reads every row each run."""
+    """Read the table by buckets of keys, so a run reads only the buckets whose sums changed
+    (docs/performance.md): PostgreSQL and MariaDB hash their own rows, a SQLite source's rows
+    are hashed by the agent as it reads them. False reads and diffs every row each run."""
 
     @field_validator("key")
     @classmethod

@@ -1,8 +1,9 @@
-"""Reading only the buckets that changed, on real PostgreSQL and MariaDB servers.
+"""Reading only the buckets that changed, on real PostgreSQL and MariaDB servers and SQLite.
 
-The source sums its row hashes per bucket of keys; a run reads and diffs the rows of the
-buckets whose sums moved, finds deletes only among them, and falls back to reading every row
-when most buckets moved. The store's copy must stay equal to the source's throughout.
+The source sums its row hashes per bucket of keys (a SQLite source has the agent hash its rows
+as they are read); a run reads and diffs the rows of the buckets whose sums moved, finds
+deletes only among them, and falls back to reading every row when most buckets moved. The
+store's copy must stay equal to the source's throughout.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from manta_async.extract import connect
 from manta_async.extract.base import BucketSource
 from manta_async.store import StoreServer
 from tests.conftest import MakeConfig, unique_name
-from tests.dbs import MysqlDb, PostgresDb, SourceDb
+from tests.dbs import MysqlDb, PostgresDb, SourceDb, SqliteDb
 from tests.test_sync import stats_of, store_rows
 
 ROWS = 2000
@@ -30,14 +31,27 @@ CREATE = {
     "postgres": "CREATE TABLE {t} (id integer PRIMARY KEY, a text, b text, price numeric(8,2))",
     "mariadb": "CREATE TABLE {t} (id INT PRIMARY KEY, a VARCHAR(50), b VARCHAR(50), "
     "price DECIMAL(8,2)) CHARACTER SET utf8mb4",
+    "sqlite": "CREATE TABLE {t} (id INTEGER PRIMARY KEY, a TEXT, b TEXT, price DECIMAL(8,2))",
 }
 
 
-@pytest.fixture(params=["postgres", "mariadb"])
-def db(request: pytest.FixtureRequest) -> SourceDb:
-    if request.param == "postgres":
+def source_db(kind: str, request: pytest.FixtureRequest) -> SourceDb:
+    if kind == "postgres":
         return PostgresDb(request.getfixturevalue("pg_url"))
-    return MysqlDb(request.getfixturevalue("mysql_url"))
+    if kind == "mariadb":
+        return MysqlDb(request.getfixturevalue("mysql_url"))
+    return SqliteDb(request.getfixturevalue("tmp_path") / "source.db")
+
+
+@pytest.fixture(params=["postgres", "mariadb", "sqlite"])
+def db(request: pytest.FixtureRequest) -> SourceDb:
+    return source_db(request.param, request)
+
+
+@pytest.fixture(params=["postgres", "mariadb"])
+def server_db(request: pytest.FixtureRequest) -> SourceDb:
+    """A database server, which renders the values it hashes as text of its own."""
+    return source_db(request.param, request)
 
 
 @pytest.fixture(autouse=True, params=["fine", "coarse first"])
@@ -50,10 +64,21 @@ def passes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> N
 
 @pytest.fixture
 def table(db: SourceDb) -> Iterator[str]:
+    yield from table_of(db)
+
+
+@pytest.fixture
+def server_table(server_db: SourceDb) -> Iterator[str]:
+    yield from table_of(server_db)
+
+
+def table_of(db: SourceDb) -> Iterator[str]:
     name = unique_name("buckets")
     db.execute(CREATE[db.kind].format(t=name))
-    marks = "$1, $2, $3, $4" if db.kind == "postgres" else "%s, %s, %s, %s"
-    rows = [(i, f"a{i}", None if i % 7 == 0 else f"b{i}", Decimal(f"{i}.50"))
+    marks = ", ".join([db.placeholder()] * 4) if db.kind != "postgres" else "$1, $2, $3, $4"
+    # The sqlite3 module takes no Decimal: SQLite makes the number of the text.
+    price = str if db.kind == "sqlite" else Decimal
+    rows = [(i, f"a{i}", None if i % 7 == 0 else f"b{i}", price(f"{i}.50"))
             for i in range(1, ROWS + 1)]  # fmt: skip
     db.executemany(f"INSERT INTO {name} VALUES ({marks})", rows)
     yield name
@@ -130,8 +155,9 @@ WIDEN = {
 
 
 async def test_row_hashes_follow_a_new_text_of_the_same_values(
-    db: SourceDb, table: str, store: StoreServer, make_config: MakeConfig
+    server_db: SourceDb, server_table: str, store: StoreServer, make_config: MakeConfig
 ) -> None:
+    db, table = server_db, server_table
     sql = f"SELECT * FROM {table}"
     config = make_config(store.url, db.url, {table: {"sql": sql, "key": ["id"]}})
     await first_run(config, table)
@@ -338,3 +364,24 @@ def test_replacing_under_coarse_buckets_keeps_the_others() -> None:
         (0, 1, 1), (16, 2, 9), (255, 1, 3)
     ]  # fmt: skip
     assert old.counts[17] == 1
+
+
+@pytest.mark.parametrize(
+    "left, right",
+    [(0.0, -0.0), ("a\x00b", "a\x00c"), (1, "1"), (1, 1.0), (b"1", "1"), (0.1 + 0.2, 0.3)],
+    ids=["signed zero", "text past a NUL", "int or text", "int or real", "blob or text",
+         "last digit"],
+)  # fmt: skip
+async def test_sqlite_row_hash_tells_apart_values_sqlite_keeps_apart(
+    tmp_path: Path, left: object, right: object
+) -> None:
+    # SQLite's own quote() would render each of these pairs alike, or cut the text at the NUL.
+    db = SqliteDb(tmp_path / "source.db")
+    db.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v)")
+    db.execute("INSERT INTO t VALUES (1, ?)", (left,))
+    before = await total(db, "SELECT id, v FROM t", ["id"])
+    db.execute("UPDATE t SET v = ? WHERE id = 1", (right,))
+    after = await total(db, "SELECT id, v FROM t", ["id"])
+
+    assert before[0] == after[0] == 1
+    assert before[1] != after[1]

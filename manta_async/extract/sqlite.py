@@ -2,7 +2,8 @@
 
 The file is opened read-only through a `file:...?mode=ro` URI, so a mistyped path is an error
 and never a new empty database. Each read runs in one transaction (BEGIN, then the SELECT),
-so all its chunks come from one snapshot of the file.
+so all its chunks come from one snapshot of the file; so does a read by buckets of keys
+(`read_buckets`, see sqlite_buckets.py), whose passes over the rows all see the same rows.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import aiosqlite
 from manta_async.config import SourceConfig
 from manta_async.extract import Origin
 from manta_async.extract.base import Column, Row
+from manta_async.extract.sqlite_buckets import SqliteBucketRead
 
 logger = logging.getLogger(__name__)
 
@@ -103,22 +105,43 @@ class SqliteSource:
         """Run `sql` in one read transaction and yield its result, to be read in chunks."""
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be at least 1 (got {chunk_rows})")
+        async with self._snapshot() as conn:
+            columns, cursor = await self._execute(conn, sql)
+            yield SqliteResult(columns, cursor, chunk_rows, self._origin)
+
+    @asynccontextmanager
+    async def read_buckets(
+        self, sql: str, key: list[str] | None
+    ) -> AsyncIterator[SqliteBucketRead]:
+        """Open a read transaction in which `sql`'s rows are hashed and summed by buckets of
+        keys as they are read (see sqlite_buckets.py)."""
+        async with self._snapshot() as conn:
+            columns, cursor = await self._execute(conn, sql)
+            yield SqliteBucketRead(conn, sql, columns, key, self._origin, cursor)
+
+    @asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[aiosqlite.Connection]:
+        # Every statement between BEGIN and the rollback reads one snapshot of the file.
         if self._reading:
             raise RuntimeError("this source is already reading; finish one read before another")
         await self.open()
         assert self._conn is not None
         conn = self._conn
-
         self._reading = True
         try:
-            yield await self._start(conn, sql, chunk_rows)
+            try:
+                await conn.execute("BEGIN")
+            except sqlite3.Error as exc:
+                raise self._origin.query_failed(str(exc)) from exc
+            yield conn
         finally:
             self._reading = False
             await self._end(conn)
 
-    async def _start(self, conn: aiosqlite.Connection, sql: str, chunk_rows: int) -> SqliteResult:
+    async def _execute(
+        self, conn: aiosqlite.Connection, sql: str
+    ) -> tuple[list[Column], aiosqlite.Cursor]:
         try:
-            await conn.execute("BEGIN")
             types = await _declared_types(conn, sql)
             cursor = await conn.execute(sql)
         except sqlite3.Error as exc:
@@ -126,8 +149,7 @@ class SqliteSource:
         names = [item[0] for item in cursor.description or ()]
         if len(types) != len(names):
             types = [""] * len(names)
-        columns = [Column(name, kind) for name, kind in zip(names, types, strict=True)]
-        return SqliteResult(columns, cursor, chunk_rows, self._origin)
+        return [Column(name, kind) for name, kind in zip(names, types, strict=True)], cursor
 
     async def _end(self, conn: aiosqlite.Connection) -> None:
         if not conn.in_transaction:
