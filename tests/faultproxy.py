@@ -57,12 +57,12 @@ class Faults:
         if kind == "status":
             return web.json_response({"error": f"injected {arg}"}, status=int(arg))
         if kind in ("retry-after", "retry-after-date"):
-            status, _, seconds = arg.partition(":")
+            code, _, seconds = arg.partition(":")
             value = seconds
             if kind == "retry-after-date":
                 value = email.utils.formatdate(time.time() + float(seconds), usegmt=True)
             return web.json_response(
-                {"error": "injected"}, status=int(status), headers={"Retry-After": value}
+                {"error": "injected"}, status=int(code), headers={"Retry-After": value}
             )
         if kind == "reset-before":
             return self._drop(request)

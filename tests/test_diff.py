@@ -57,7 +57,9 @@ async def index(tmp_path: Path) -> Any:
         yield opened
 
 
-ROWS = [(i, f"name {i}", Decimal(f"{i}.10")) for i in range(1, 11)]
+ROWS: list[tuple[int, str, Decimal | None]] = [
+    (i, f"name {i}", Decimal(f"{i}.10")) for i in range(1, 11)
+]
 
 
 async def test_first_run_inserts_every_row(index: Index) -> None:

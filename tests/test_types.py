@@ -856,7 +856,9 @@ async def test_postgres_type_matrix(
     run_sql(db, *PG_MATRIX.format(t=t).split(";\n"))
     try:
         run_sql(db, f"INSERT INTO {t} VALUES {', '.join(PG_ROWS).format()}, (99{', NULL' * 32})")
-        expect = {"js": as_document, "jb": as_document, "iv": as_interval}
+        expect: dict[str, Callable[[Any], Any]] = {
+            "js": as_document, "jb": as_document, "iv": as_interval
+        }  # fmt: skip
         expect["bits"] = lambda value: value.as_string()
         await check_matrix(db, t, store, make_config, expect)
     finally:
