@@ -32,6 +32,7 @@ import sqlite3
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from hashlib import blake2b
 
 import orjson
 
@@ -42,7 +43,7 @@ from manta_async.faults import crash_point
 
 log = logging.getLogger(__name__)
 
-HASH_FORMAT = 1
+HASH_FORMAT = 2
 """Changes whenever the SQL that hashes rows changes; older sums are then not compared."""
 ROWS_PER_BUCKET = 4
 MIN_BITS = 8
@@ -151,6 +152,11 @@ def signature(diff: TableDiff) -> str:
     ).decode()
 
 
+def salt(diff: TableDiff) -> int:
+    """A 64-bit number of the signature, mixed into the source row hashes the index keeps."""
+    return int.from_bytes(blake2b(signature(diff).encode(), digest_size=8).digest(), "big")
+
+
 def load_sums(conn: sqlite3.Connection, diff: TableDiff) -> BucketSums | None:
     """The sums of the table's last run, if they describe its current index."""
     conn.execute(_SCHEMA)
@@ -200,8 +206,14 @@ async def diff_by_buckets(
     index: Index, diff: TableDiff, read: BucketRead, chunk_rows: int, diff_all: DiffAll
 ) -> DiffStats:
     """Run a started `diff` over the rows of the buckets whose sums moved; commit the sums."""
-    stored = await index.call(_prepare, index, diff)
-    plan = await _plan(read, stored)
+    diff.source_salt = salt(diff)
+    try:
+        stored = await index.call(_prepare, index, diff)
+        plan = await _plan(read, stored)
+    except BaseException:
+        # The diff started the index's transaction; nothing has been read into it yet.
+        await index.call(diff.abort)
+        raise
     if plan.dirty is None:
         rows = read.rows(plan.bits, None, chunk_rows)
         if plan.from_rows:

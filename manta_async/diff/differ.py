@@ -33,6 +33,8 @@ from manta_async.errors import TableError
 from manta_async.extract.base import Column, Row
 
 _LOOKUP_KEYS = 10_000
+_HALF = 1 << 63
+_SPAN = 1 << 64
 _INSERT = b'["insert",'
 _UPDATE = b'["update",'
 _DELETE = b'["delete",'
@@ -124,6 +126,8 @@ class TableDiff:
         self.source_hashes = False
         """Whether the index kept source row hashes when the run started: a bucket read writes
         them, and any other read forgets those of the rows it changes."""
+        self.source_salt = 0
+        """Added to every source row hash the index keeps (see `add_bucket_chunk`)."""
 
     def _key_positions(self) -> list[int] | None:
         if self.key is None:
@@ -267,24 +271,33 @@ class TableDiff:
     def add_bucket_chunk(self, rows: Sequence[Row]) -> None:
         """Compare one chunk of a bucket read: rows of its key hash, its source row hash, then
         its values."""
+        key_hashes = [row[0] for row in rows]
+        # Kept salted with the sums' signature: a source row hash is the same row's only under
+        # the columns, types and hash format it was made with.
+        salt = self.source_salt
+        hashes = [(row[1] + salt + _HALF) % _SPAN - _HALF for row in rows]
         if self.key is not None and self.source_hashes:
-            rows = self._skip_unchanged(rows)
-        values = [row[2:] for row in rows]
-        self.add_chunk(values, [row[0] for row in rows], [row[1] for row in rows])
+            rest = self._not_seen_before(key_hashes, hashes)
+            if len(rest) < len(rows):
+                rows = [rows[i] for i in rest]
+                key_hashes = [key_hashes[i] for i in rest]
+                hashes = [hashes[i] for i in rest]
+        self.add_chunk([row[2:] for row in rows], key_hashes, hashes)
 
-    def _skip_unchanged(self, rows: Sequence[Row]) -> list[Row]:
+    def _not_seen_before(self, key_hashes: list[int], hashes: list[int]) -> list[int]:
         # A row whose key hash and source row hash are those the index keeps for one of its
         # rows is that row, unchanged (the argument of buckets.py, row by row): it is only
-        # marked as seen, without being encoded. Anything else goes through the full diff.
-        known = self._known_source_hashes({row[0] for row in rows})
-        rest: list[Row] = []
-        for row in rows:
-            rowid = known.get((row[0], row[1]))
+        # marked as seen, without being encoded. The others, by position, go through the
+        # full diff.
+        known = self._known_source_hashes(set(key_hashes))
+        rest: list[int] = []
+        for i, pair in enumerate(zip(key_hashes, hashes, strict=True)):
+            rowid = known.get(pair)
             if rowid is None or rowid > self._old_max or self._bit(rowid):
-                rest.append(row)
+                rest.append(i)
             else:
                 self._set_bit(rowid)
-        self.stats.rows += len(rows) - len(rest)
+        self.stats.rows += len(key_hashes) - len(rest)
         return rest
 
     def _known_source_hashes(self, key_hashes: set[int]) -> dict[tuple[int, int], int]:

@@ -49,8 +49,17 @@ _BY_VALUE = {
     "timestamp": "timestamp_hash_extended({v}, {seed})",
     "timestamptz": "timestamp_hash_extended({v}::timestamp, {seed})",
     "uuid": "uuid_hash_extended({v}, {seed})",
+    # char(n) as the text the client gets: a cast to text would drop its padding.
+    "bpchar": 'hashtextextended(textin(bpcharout({v})) COLLATE "C", {seed})',
 }
 _BY_TEXT = 'hashtextextended({v}::text COLLATE "C", {seed})'
+# A key hash must be the same for two values the diff takes for one key. The diff compares
+# decimals by value (1.1 and 1.10 are one key), so a key's decimal is hashed by its value; a
+# value it compares by a normal form the server cannot compute (a JSON document, an array or
+# a composite that may hold one) is left out of the key hash, which only puts more rows into
+# the same bucket.
+_KEY_BY_VALUE = {**_BY_VALUE, "numeric": "hash_numeric_extended({v}, {seed})"}
+_KEY_LEFT_OUT = {"json", "jsonb"}
 
 
 def quote(name: str) -> str:
@@ -67,9 +76,26 @@ def _value_hash(attribute: Any, seed: int) -> str:
     return f"coalesce({template.format(v=value, seed=seed)}, {-seed})"
 
 
+def _key_value_hash(attribute: Any, seed: int) -> str | None:
+    kind = attribute.type
+    if kind.kind != "scalar" or kind.name in _KEY_LEFT_OUT:
+        return None
+    template = _BY_TEXT
+    if kind.schema == "pg_catalog":
+        template = _KEY_BY_VALUE.get(kind.name, _BY_TEXT)
+    value = f"t.{quote(attribute.name)}"
+    return f"coalesce({template.format(v=value, seed=seed)}, {-seed})"
+
+
 def _mixed(attributes: Sequence[Any], first_seed: int, mix_seed: int) -> str:
     parts = [_value_hash(a, first_seed + i) for i, a in enumerate(attributes)]
     return f"hashint8extended({' # '.join(parts)}, {mix_seed})"
+
+
+def _key_mixed(attributes: Sequence[Any]) -> str:
+    hashed = [_key_value_hash(a, 1001 + i) for i, a in enumerate(attributes)]
+    parts = [part for part in hashed if part is not None]
+    return f"hashint8extended({' # '.join(parts)}, 1)" if parts else "0"
 
 
 class HashSql:
@@ -82,9 +108,9 @@ class HashSql:
         if key is None or not all(name in by_name for name in key):
             # Without a key the whole row is the identity; a missing key column is reported
             # by the diff before any of these statements runs.
-            key_mix = f"hashint8extended({self.row_hash}, 7)"
+            key_mix = _key_mixed(attributes)
         else:
-            key_mix = _mixed([by_name[name] for name in key], 1001, 1)
+            key_mix = _key_mixed([by_name[name] for name in key])
         self.key_hash = f"({key_mix} & {_U32})"
 
     def count(self) -> str:
