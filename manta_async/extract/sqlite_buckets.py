@@ -20,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from array import array
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from hashlib import blake2b
+from itertools import islice
 from operator import itemgetter
 
 import aiosqlite
@@ -33,6 +34,7 @@ FINE_BITS = 20
 """The widest bucket number a read is asked for (MAX_BITS in diff/buckets.py)."""
 _U64 = 0xFFFFFFFFFFFFFFFF
 _SPREAD = 0x9E3779B97F4A7C15
+_SUM_CHUNK = 20_000
 
 
 def key_hash(key: object) -> int:
@@ -96,7 +98,11 @@ class SqliteBucketRead:
             raise ValueError(f"bits must be from 1 to {FINE_BITS} (got {bits})")
         if self._fine is None:
             self._fine = await self._sum_fine()
-        yield _folded(*self._fine, bits, within)
+        # In chunks, as a database sends them: a million buckets at once would be a list of
+        # a million tuples.
+        folded = _folded(*self._fine, bits, within)
+        while chunk := list(islice(folded, _SUM_CHUNK)):
+            yield chunk
 
     async def _sum_fine(self) -> tuple[array[int], array[int]]:
         counts = array("q", [0]) * (1 << FINE_BITS)
@@ -158,22 +164,21 @@ class SqliteBucketRead:
 
 def _folded(
     counts: array[int], sums: array[int], bits: int, within: Buckets | None
-) -> list[BucketSum]:
+) -> Iterator[BucketSum]:
     # A bucket of `bits` bits is a run of adjacent fine buckets; `within` keeps the buckets
     # under some (wider) buckets only.
     width = 1 << (FINE_BITS - bits)
     if width == 1 and within is None:
-        return [(bucket, n, sums[bucket]) for bucket, n in enumerate(counts) if n]
+        yield from ((bucket, n, sums[bucket]) for bucket, n in enumerate(counts) if n)
+        return
     if within is None:
-        buckets: Sequence[int] = range(1 << bits)
+        buckets: Iterable[int] = range(1 << bits)
     else:
         within_bits, under = within
         per = 1 << (bits - within_bits)
-        buckets = [b * per + i for b in sorted(under) for i in range(per)]
-    folded: list[BucketSum] = []
+        buckets = (b * per + i for b in sorted(under) for i in range(per))
     for bucket in buckets:
         start = bucket * width
         n = sum(counts[start : start + width])
         if n:
-            folded.append((bucket, n, sum(sums[start : start + width]) & _U64))
-    return folded
+            yield bucket, n, sum(sums[start : start + width]) & _U64
