@@ -5,8 +5,9 @@ SQLite has no hash function the sqlite3 module can call without loading an exten
 returns. That text is a Python literal of values that are only ever None, int, float, str and
 bytes, so two different rows never give the same text: a float is written with every digit
 that tells it apart (and -0.0 apart from 0.0), a string with its quotes and escapes, and an
-integer never looks like a float. The key hash is the first 32 bits of a BLAKE2b of the key
-values' text, the row hash 64 bits of a BLAKE2b of the row's.
+integer never looks like a float. The row hash is 64 bits of a BLAKE2b of that text; the
+key hash, 32 bits of a BLAKE2b of the key's text, or for a key of one integer its product
+with an odd constant.
 
 The sums of a read are made in one pass over the rows, at the finest bucket width the index
 uses; every coarser or narrower sum the run asks for is then folded from them without another
