@@ -66,11 +66,11 @@ def quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _value_hash(attribute: Any, seed: int) -> str:
+def _value_hash(attribute: Any, seed: int, by_value: dict[str, str] = _BY_VALUE) -> str:
     kind = attribute.type
     template = _BY_TEXT
     if kind.schema == "pg_catalog" and kind.kind == "scalar":
-        template = _BY_VALUE.get(kind.name, _BY_TEXT)
+        template = by_value.get(kind.name, _BY_TEXT)
     value = f"t.{quote(attribute.name)}"
     # A NULL stands for a constant of its own, different in every column.
     return f"coalesce({template.format(v=value, seed=seed)}, {-seed})"
@@ -80,11 +80,7 @@ def _key_value_hash(attribute: Any, seed: int) -> str | None:
     kind = attribute.type
     if kind.kind != "scalar" or kind.name in _KEY_LEFT_OUT:
         return None
-    template = _BY_TEXT
-    if kind.schema == "pg_catalog":
-        template = _KEY_BY_VALUE.get(kind.name, _BY_TEXT)
-    value = f"t.{quote(attribute.name)}"
-    return f"coalesce({template.format(v=value, seed=seed)}, {-seed})"
+    return _value_hash(attribute, seed, _KEY_BY_VALUE)
 
 
 def _mixed(attributes: Sequence[Any], first_seed: int, mix_seed: int) -> str:
